@@ -1,0 +1,147 @@
+"""`semiseg` command line: methods, train, evaluate, predict, demo.
+
+User errors (`SemisegError`) print one line and exit with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import SemisegError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Semi-supervised medical image segmentation (CAML, MLRPL, CrossMatch and baselines).")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods, their networks' parameter counts and presets."""
+    from .methods import available_methods
+    from .methods.base import NetSpec
+    from .nets import count_parameters
+
+    for name, cls in available_methods().items():
+        method = cls(cls.Params(), NetSpec())
+        params = count_parameters(method.inference_network())
+        total = count_parameters(method)
+        presets = ", ".join(cls.presets) or "-"
+        typer.echo(f"{name:12s} {total:>12,d} params (evaluated net {params:,d})  {cls.description}")
+        typer.echo(f"{'':12s} presets: {presets}")
+
+
+@app.command()
+def train(
+    method: Annotated[str | None, typer.Option(help="Method name (see `semiseg methods`)")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset folder, or synthetic[:n_train=..,shape=WxHxD]")] = None,
+    labeled: Annotated[int | None, typer.Option(help="Number of labelled training cases (first N)")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder")] = Path("runs/run"),
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    preset: Annotated[str | None, typer.Option(help="Named preset of the method, e.g. la-8")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable)")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output")] = False,
+) -> None:
+    """Train a method; writes config, logs, TensorBoard scalars and checkpoints into --out."""
+    from .config import TrainConfig, build_config, parse_set
+    from .engine.trainer import Trainer
+
+    if resume:
+        cfg = TrainConfig()  # replaced by the checkpoint's config
+    else:
+        overrides = parse_set(set_ or [])
+        for key, value in (("data", data), ("labeled", labeled), ("iterations", iterations)):
+            if value is not None:
+                overrides[key] = value
+        cfg = build_config(method, config, overrides, preset)
+    checkpoint = Trainer(cfg, out, resume=resume, progress=not quiet).run()
+    typer.echo(f"checkpoint: {checkpoint}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path | None, typer.Argument(help="Run folder or checkpoint file")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on)")] = None,
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT)")] = None,
+    pred: Annotated[Path | None, typer.Option(help="Score label maps in this folder instead of a model")] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto (the run's rule), last or best")] = "auto",
+    lcc: Annotated[bool | None, typer.Option(help="Keep the largest connected component")] = None,
+    empty_policy: Annotated[str | None, typer.Option(help="legacy_zero, nan or penalty")] = None,
+    save_predictions: Annotated[bool, typer.Option(help="Also write the label maps")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Score a model (or a folder of predictions) with the papers' metrics and a protocol card."""
+    from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_summary
+
+    if pred is not None:
+        if data is None:
+            raise SemisegError("--pred needs --data, the dataset whose labels are the reference")
+        target = out or pred.parent / f"eval-{split}"
+        summary = evaluate_predictions(pred, data, target, split, empty_policy or "legacy_zero")
+    else:
+        if run is None:
+            raise SemisegError("give a run folder or checkpoint, or --pred DIR with --data")
+        target = out or (run if run.is_dir() else run.parent) / f"eval-{split}"
+        summary = evaluate_checkpoint(run, target, data, split, checkpoint, lcc, empty_policy, device,
+                                      save_predictions)
+    for line in format_summary(summary):
+        typer.echo(line)
+    typer.echo(f"protocol card and per-case metrics: {target / 'summary.json'}, {target / 'cases.csv'}")
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder or checkpoint file")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images (.h5, .nii, .nii.gz) or folders of them")],
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("predictions"),
+    normalize: Annotated[str, typer.Option(help="auto (z-score NIfTI), zscore or none")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Write label maps for new images (NIfTI keeps the input's affine and header)."""
+    from .engine.predict import predict_files
+
+    for path in predict_files(checkpoint, inputs, out, device, normalize):
+        typer.echo(str(path))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder")] = Path("runs/demo"),
+    method: Annotated[str, typer.Option(help="Method to train")] = "supervised",
+    iterations: Annotated[int, typer.Option(help="Training iterations")] = 300,
+) -> None:
+    """Train and evaluate on the embedded synthetic dataset (no download), a few minutes on a CPU."""
+    from .config import build_config
+    from .engine.evaluate import evaluate_checkpoint, format_summary
+    from .engine.trainer import Trainer
+
+    overrides = {"data": "synthetic:n_train=20,n_test=4,shape=96x96x64", "labeled": 4, "iterations": iterations,
+                 "patch_size": (64, 64, 48), "stride": (16, 16, 8), "n_filters": 8, "checkpoint_every": 100,
+                 "log_every": 25}
+    cfg = build_config(method, None, overrides)
+    resume = (out / "checkpoint.pt").exists()
+    Trainer(cfg, out, resume=resume).run()
+    summary = evaluate_checkpoint(out, out / "eval-test")
+    typer.echo(f"{method} on synthetic data, {cfg.labeled} labelled cases, {iterations} iterations, "
+               f"{len(summary['cases'])} test cases:")
+    for line in format_summary(summary):
+        typer.echo(line)
+    typer.echo(json.dumps({"summary": str(out / "eval-test" / "summary.json")}))
+
+
+def main() -> None:
+    try:
+        app()
+    except SemisegError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Run configuration: common training settings plus the method's own hyper-parameters.
+
+Precedence, lowest first: these defaults < the method's recipe < a named preset < a YAML file <
+`--set key=value` and explicit CLI options. Every key is validated; a typo is an error that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import ConfigError
+from .methods import get_method
+from .methods.base import Method, MethodParams
+
+
+class TrainConfig(BaseModel):
+    """Defaults are the LA recipe shared by the papers (protocol.md section 1.3)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: str = "supervised"
+    data: str = "synthetic"
+    layout: str = "auto"
+    labeled: int = 8
+    val: int = 0
+    iterations: int = 15000
+    batch_labeled: int = 2
+    batch_unlabeled: int = 2
+    patch_size: tuple[int, ...] = (112, 112, 80)
+    stride: tuple[int, ...] = (18, 18, 4)
+    rot_flip: bool = True
+    n_filters: int = 16
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    lr_schedule: Literal["constant", "poly"] = "constant"
+    poly_power: float = 0.9
+    seed: int = 1337
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    val_every: int = 200
+    checkpoint_selection: Literal["last", "best_on_val"] = "last"
+    post_lcc: bool = False
+    empty_policy: Literal["legacy_zero", "nan", "penalty"] = "legacy_zero"
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 2
+    preset: str | None = None
+    params: dict[str, Any] = {}
+
+    @field_validator("patch_size", "stride", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(int(v) for v in value.replace("x", ",").split(",") if v)
+        return value
+
+    @field_validator("iterations", "batch_labeled", "n_filters", "log_every", "checkpoint_every")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    def method_class(self) -> type[Method]:
+        return get_method(self.method)
+
+    def method_params(self) -> MethodParams:
+        cls = self.method_class()
+        try:
+            return cls.Params(**self.params)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, f"method {self.method!r} parameter")) from None
+
+
+def _describe(exc: ValidationError, what: str) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    return f"{what} {key!r}: {first['msg']} (got {first.get('input')!r})"
+
+
+def _coerce(text: str) -> Any:
+    """`--set` values are YAML scalars or lists: 0.1, true, 64,64,48, [1, 2]."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], method_cls: type[Method], overrides: dict[str, Any]) -> None:
+    """Route each key to the common config or to the method's parameters (`params.` prefix optional)."""
+    common = set(TrainConfig.model_fields) - {"params"}
+    method_keys = set(method_cls.Params.model_fields)
+    for key, value in overrides.items():
+        name = key.removeprefix("params.").removeprefix(f"{method_cls.name}.")
+        if key in common:
+            values[key] = value
+        elif name in method_keys:
+            values.setdefault("params", {})[name] = value
+        else:
+            close = difflib.get_close_matches(name, sorted(common | method_keys), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; method {method_cls.name!r} accepts "
+                              f"{', '.join(sorted(method_keys)) or 'no parameters'} besides the common keys")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set patch_size=64,64,48")
+        out[key.strip()] = _coerce(value)
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    return data
+
+
+def build_config(method: str | None, file: Path | None = None, overrides: dict[str, Any] | None = None,
+                 preset: str | None = None) -> TrainConfig:
+    """Resolve the full configuration of a run, in the documented precedence order."""
+    file_values = load_yaml(file) if file else {}
+    method = method or str(file_values.get("method", "supervised"))
+    cls = get_method(method)
+    values: dict[str, Any] = {"method": method, "params": {}}
+    apply_overrides(values, cls, dict(cls.recipe))
+    preset = preset or (overrides or {}).get("preset") or file_values.get("preset")
+    if preset:
+        if preset not in cls.presets:
+            raise ConfigError(f"method {method!r} has no preset {preset!r}; presets: "
+                              f"{', '.join(cls.presets) or 'none'}")
+        apply_overrides(values, cls, dict(cls.presets[preset]))
+        values["preset"] = preset
+    params = file_values.pop("params", {}) or {}
+    apply_overrides(values, cls, {k: v for k, v in file_values.items() if k != "method"})
+    apply_overrides(values, cls, {f"params.{k}": v for k, v in params.items()})
+    apply_overrides(values, cls, overrides or {})
+    try:
+        config = TrainConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, "config key")) from None
+    config.method_params()  # validate now, not at iteration 1
+    return config

@@ -1,0 +1,82 @@
+"""The layout interface and the labelled / unlabelled / validation / test split rule."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from ...errors import DataError
+from ..h5 import Case, read_case
+
+
+@dataclass
+class Split:
+    """Case ids of each role. `val` is disjoint from `test`, so choosing a checkpoint on it is honest."""
+
+    labeled: list[str]
+    unlabeled: list[str]
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    val_source: str = "none"
+
+
+def read_list(path: Path) -> list[str]:
+    """Bare ids, one per line, blank lines ignored (the UA-MT / SSL4MIS list format)."""
+    if not path.is_file():
+        raise DataError(f"{path}: split list not found; the dataset folder must contain it")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class Layout(ABC):
+    name: ClassVar[str]
+    signature: ClassVar[str]  # what `detect` looks for, shown when no layout matches
+    spatial_dims: ClassVar[int] = 3
+    num_classes: ClassVar[int] = 2
+    class_names: ClassVar[tuple[str, ...]] = ("background", "foreground")
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.train_ids, self.test_ids, self.val_ids = self.load_lists()
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, root: Path) -> bool: ...
+
+    @abstractmethod
+    def load_lists(self) -> tuple[list[str], list[str], list[str]]:
+        """(train, test, declared validation) ids in file order."""
+
+    @abstractmethod
+    def case_path(self, case_id: str) -> Path: ...
+
+    def read(self, case_id: str, with_label: bool = True) -> Case:
+        """A training item (a volume, or a slice for 2D layouts)."""
+        return read_case(self.case_path(case_id), case_id, self.num_classes, with_label, self.spatial_dims)
+
+    def read_eval(self, case_id: str) -> Case:
+        """A whole evaluation volume with its label."""
+        return self.read(case_id, with_label=True)
+
+    def split(self, labeled: int, val: int = 0) -> Split:
+        """Labelled = the first `labeled` training ids (the papers' rule), the rest unlabelled.
+
+        With `val > 0` the validation cases are the declared list if the dataset has one, otherwise
+        the last `val` ids of the training list, removed from the unlabelled pool.
+        """
+        train = list(self.train_ids)
+        if labeled <= 0:
+            raise DataError(f"{self.root}: the labelled set is empty (--labeled {labeled}); "
+                            "pass --labeled N with N >= 1")
+        val_ids: list[str] = []
+        source = "none"
+        if val > 0 and self.val_ids:
+            val_ids, source = list(self.val_ids), "declared validation list"
+        elif val > 0:
+            val_ids, train = train[-val:], train[:-val]
+            source = f"last {val} cases of the training list"
+        if labeled > len(train):
+            raise DataError(f"{self.root}: --labeled {labeled} but only {len(train)} training cases "
+                            f"(after removing {len(val_ids)} validation cases); lower --labeled or --val")
+        return Split(train[:labeled], train[labeled:], val_ids, list(self.test_ids), source)

@@ -1,0 +1,102 @@
+"""Two-stream batches: L labelled + U unlabelled samples per iteration, a pure function of (seed, i).
+
+The labelled ids are reshuffled on every pass and the unlabelled ids cycle through an endless stream
+of permutations (the `TwoStreamBatchSampler` of the papers, which also works here with zero
+unlabelled cases). Deriving every random draw from (seed, iteration) makes a batch independent of
+worker count and lets an interrupted run resume on exactly the batch it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .h5 import Case
+from .transforms import Transform
+
+_LABELED_STREAM, _UNLABELED_STREAM, _AUGMENT = 0, 1, 2
+
+
+def stream_index(seed: int, stream: int, position: int, n: int) -> int:
+    """Item `position` of an endless concatenation of seeded permutations of range(n)."""
+    epoch, offset = divmod(position, n)
+    return int(np.random.default_rng([seed, stream, epoch]).permutation(n)[offset])
+
+
+@dataclass
+class Batch:
+    """One iteration's input; tensors are [N, C, *spatial] images and [N, *spatial] int64 labels.
+
+    `index_labeled` holds each labelled sample's position in the labelled list (CAML's memory slots).
+    """
+
+    image_labeled: torch.Tensor
+    label_labeled: torch.Tensor
+    image_unlabeled: torch.Tensor
+    index_labeled: torch.Tensor
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Labelled then unlabelled images in one tensor, the order every method's forward uses."""
+        return torch.cat([self.image_labeled, self.image_unlabeled]) if len(self.image_unlabeled) else \
+            self.image_labeled
+
+    @property
+    def n_labeled(self) -> int:
+        return len(self.image_labeled)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in
+                       (self.image_labeled, self.label_labeled, self.image_unlabeled, self.index_labeled)))
+
+    def pin_memory(self) -> Batch:
+        return Batch(*(t.pin_memory() for t in
+                       (self.image_labeled, self.label_labeled, self.image_unlabeled, self.index_labeled)))
+
+
+class TwoStreamBatches(Dataset):
+    """Map-style dataset whose item i is the whole batch of iteration `start + i` (0-based)."""
+
+    def __init__(self, labeled: list[Case], unlabeled: list[Case], batch_labeled: int, batch_unlabeled: int,
+                 transform: Transform, seed: int, start: int, stop: int) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.batch_labeled = batch_labeled
+        self.batch_unlabeled = batch_unlabeled if unlabeled else 0
+        self.transform, self.seed, self.start, self.stop = transform, seed, start, stop
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, i: int) -> Batch:
+        iteration = self.start + i
+        rng = np.random.default_rng([self.seed, _AUGMENT, iteration])
+        lab_idx = [stream_index(self.seed, _LABELED_STREAM, iteration * self.batch_labeled + j, len(self.labeled))
+                   for j in range(self.batch_labeled)]
+        lab = [self.transform({"image": self.labeled[k].image, "label": self.labeled[k].label}, rng)
+               for k in lab_idx]
+        unl = [self.transform({"image": self.unlabeled[stream_index(
+            self.seed, _UNLABELED_STREAM, iteration * self.batch_unlabeled + j, len(self.unlabeled))].image}, rng)
+            for j in range(self.batch_unlabeled)]
+        image_l = torch.from_numpy(np.stack([s["image"] for s in lab]))
+        empty = image_l.new_zeros((0, *image_l.shape[1:]))
+        return Batch(
+            image_labeled=image_l,
+            label_labeled=torch.from_numpy(np.stack([s["label"] for s in lab]).astype(np.int64)),
+            image_unlabeled=torch.from_numpy(np.stack([s["image"] for s in unl])) if unl else empty,
+            index_labeled=torch.tensor(lab_idx, dtype=torch.int64),
+        )
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def batch_loader(batches: TwoStreamBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Prefetch batches in worker processes, in order (shuffling is already in the stream)."""
+    # A private generator: creating the loader must not consume the global RNG (exact resume).
+    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
+                      collate_fn=_identity, pin_memory=pin_memory, generator=torch.Generator(),
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False)

@@ -1,0 +1,56 @@
+"""Checkpoints that survive crashes: written to a temporary file, fsynced, then renamed into place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+FORMAT = "semiseg-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a reader sees either the old complete file or the new complete file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and validate; a truncated or foreign file is a `CheckpointError`, not a pickle traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; pass a run folder or a .pt file written by "
+                              "`semiseg train`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many exception types for damaged files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}); the file is truncated "
+                              "or not a semiseg checkpoint; resume from an earlier one or retrain") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a semiseg checkpoint (no {FORMAT!r} marker); semiseg loads only "
+                              "files written by `semiseg train`")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: written by a newer semiseg (format {payload['version']}); upgrade semiseg")
+    return payload
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the output folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out "
+                              "or free disk space") from None

@@ -1,0 +1,194 @@
+"""Evaluation under the declared protocol: per-case metrics, a summary and a protocol card.
+
+Writes `cases.csv` (one row per case) and `summary.json` with `metrics` (mean and std of each
+metric), `cases` and `protocol`, the card that says exactly how the numbers were obtained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..config import TrainConfig
+from ..data import Layout, open_dataset
+from ..errors import DataError
+from ..methods.base import NetSpec
+from .checkpoint import load_checkpoint
+from .inference import predict_volume
+from .metrics import METRIC_DEFINITIONS, case_metrics, summarize
+from .trainer import BEST, CHECKPOINT, build_method, inference_protocol, resolve_device
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def code_version() -> str:
+    """semiseg version plus the git commit when run from a checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
+    """A run folder becomes the checkpoint its selection rule names; returns (file, rule)."""
+    path = Path(path)
+    if path.is_file():
+        return path, "given file"
+    if not path.is_dir():
+        raise DataError(f"{path}: neither a run folder nor a checkpoint file")
+    rule = which
+    if which == "auto":
+        cfg_file = path / "config.yaml"
+        rule = "last"
+        if cfg_file.is_file():
+            import yaml
+
+            rule = (yaml.safe_load(cfg_file.read_text()) or {}).get("checkpoint_selection", "last")
+    name = BEST if rule in ("best", "best_on_val") else CHECKPOINT
+    return path / name, rule
+
+
+def _class_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, empty_policy: str) -> dict[str, float]:
+    """Binary tasks: the foreground class; multi-class: each class and their mean (ACDC tables)."""
+    per_class = [case_metrics(pred == c, label == c, empty_policy=empty_policy) for c in range(1, num_classes)]
+    row = {m: float(np.mean([pc[m] for pc in per_class])) for m in METRICS}
+    if num_classes > 2:
+        for c, pc in enumerate(per_class, start=1):
+            row.update({f"{m}_class{c}": pc[m] for m in METRICS})
+    return row
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any]) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "cases.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    stats = summarize([{m: r[m] for m in r if m != "case"} for r in rows])
+    summary = {"metrics": {m: stats[m] for m in stats}, "cases": rows, "protocol": protocol}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _split_ids(layout: Layout, cfg: TrainConfig | None, split: str) -> list[str]:
+    if split == "test":
+        return list(layout.test_ids)
+    if split == "val":
+        ids = layout.split(cfg.labeled, cfg.val).val if cfg is not None and cfg.val else list(layout.val_ids)
+        if not ids:
+            raise DataError(f"{layout.root}: no validation cases (train with --val N, or use a dataset with a "
+                            "declared validation list)")
+        return ids
+    raise DataError(f"unknown split {split!r}; use test or val")
+
+
+def _metric_card(empty_policy: str) -> dict[str, Any]:
+    return {"definitions": {m: METRIC_DEFINITIONS[m] for m in METRICS}, "units": "voxels (spacing 1 on every axis)",
+            "empty_policy": empty_policy,
+            "empty_policy_meaning": {"legacy_zero": "empty prediction scores 0 on all four metrics and is "
+                                     "averaged in (the papers' convention; rewards misses on HD95/ASD)",
+                                     "nan": "distances NaN for empty masks, excluded from the mean",
+                                     "penalty": "distances set to the image diagonal for empty masks"}[empty_policy]}
+
+
+def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",
+                        which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
+                        device: str = "auto", save_predictions: bool = False) -> dict[str, Any]:
+    ckpt_path, rule = resolve_checkpoint(checkpoint, which)
+    payload = load_checkpoint(ckpt_path)
+    cfg = TrainConfig(**payload["config"])
+    if post_lcc is not None:
+        cfg.post_lcc = post_lcc
+    policy = empty_policy or cfg.empty_policy
+    layout = open_dataset(data or cfg.data, cfg.layout)
+    ids = _split_ids(layout, cfg, split)
+    dev = resolve_device(device)
+    spec = NetSpec(**payload["spec"])
+    method = build_method(cfg, spec, dev)
+    method.load_state_dict(payload["method"])
+    method.eval()
+    net = method.inference_network()
+    protocol = inference_protocol(cfg)
+    rows = []
+    for case_id in ids:
+        case = layout.read_eval(case_id)
+        if case.image.shape[0] != spec.in_channels:
+            raise DataError(f"{case.path}: image has {case.image.shape[0]} channels, the model expects "
+                            f"{spec.in_channels}; evaluate on the dataset the model was trained for")
+        pred = predict_volume(net, case.image, protocol, dev)
+        if save_predictions:
+            _save_prediction(out / "predictions" / f"{case_id}.h5", pred)
+        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy)})
+    train_split = layout.split(cfg.labeled, cfg.val)
+    card = {
+        "dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
+                    "labeled_ids": train_split.labeled, "n_unlabeled": len(train_split.unlabeled),
+                    "val_ids": train_split.val, "val_source": train_split.val_source},
+        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: inference_network()"},
+        "metrics": _metric_card(policy),
+        "checkpoint": {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
+                       "rule": rule, "complete": payload["iteration"] >= cfg.iterations},
+        "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "code_version": code_version(),
+    }
+    return write_report(out, rows, card)
+
+
+def _save_prediction(path: Path, pred: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("label", data=pred.astype(np.uint8), compression="gzip")
+
+
+def read_prediction(folder: Path, case_id: str) -> np.ndarray:
+    """`<id>.h5` (dataset `label` or `pred`) or `<id>.nii.gz` / `<id>.nii` from a prediction folder."""
+    for suffix in (".h5", ".nii.gz", ".nii"):
+        path = folder / f"{case_id}{suffix}"
+        if not path.is_file():
+            continue
+        if suffix == ".h5":
+            try:
+                with h5py.File(path, "r") as f:
+                    key = next((k for k in ("label", "pred", "prediction") if k in f), None)
+                    if key is None:
+                        raise DataError(f"{path}: no 'label' or 'pred' dataset (found {list(f.keys())})")
+                    return np.asarray(f[key][()])
+            except OSError as exc:
+                raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
+        import nibabel as nib
+
+        return np.asarray(nib.load(str(path)).dataobj)
+    raise DataError(f"{folder}: no prediction for case {case_id!r} (looked for {case_id}.h5, .nii.gz, .nii)")
+
+
+def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "test",
+                         empty_policy: str = "legacy_zero") -> dict[str, Any]:
+    """Score existing label maps against the dataset's labels (like nnU-Net's evaluate_folder)."""
+    layout = open_dataset(data)
+    ids = _split_ids(layout, None, split)
+    rows = []
+    for case_id in ids:
+        case = layout.read_eval(case_id)
+        pred = read_prediction(Path(pred_dir), case_id)
+        if pred.shape != case.label.shape:
+            raise DataError(f"{pred_dir}/{case_id}: prediction shape {pred.shape} differs from the label's "
+                            f"{case.label.shape}")
+        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, empty_policy)})
+    card = {"dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids},
+            "predictions": str(pred_dir), "metrics": _metric_card(empty_policy), "code_version": code_version()}
+    return write_report(out, rows, card)
+
+
+def format_summary(summary: dict[str, Any]) -> Iterable[str]:
+    for m in METRICS:
+        stats = summary["metrics"][m]
+        yield f"{m:8s} {stats['mean']:.4f} ± {stats['std']:.4f}"

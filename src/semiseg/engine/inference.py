@@ -1,0 +1,94 @@
+"""Sliding-window inference exactly as the LA-lineage test scripts do it (protocol.md section 1.4).
+
+Zero-pad axes smaller than the patch (left = floor(pad / 2)), windows at min(k * stride, L - p),
+average the *softmax probabilities* (not logits) with equal weights, argmax, un-pad. Windows are
+batched through the network and the score map stays on the network's device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .postprocess import largest_connected_component
+
+
+@dataclass(frozen=True)
+class InferenceProtocol:
+    """How a volume becomes a label map; recorded verbatim in every protocol card."""
+
+    patch_size: tuple[int, ...] = (112, 112, 80)
+    stride: tuple[int, ...] = (18, 18, 4)
+    post_lcc: bool = False
+    sw_batch_size: int = 4
+    blend: str = "mean softmax probabilities, equal weights"
+    decision: str = "argmax over averaged probabilities (= foreground > 0.5 for 2 classes, ties to background)"
+
+
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """n = ceil((size - patch) / stride) + 1 starts, the last one clamped to the border."""
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / stride) + 1
+    return [min(k * stride, size - patch) for k in range(n)]
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (tensor cores), a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+
+@torch.no_grad()
+def sliding_window_probs(net: nn.Module, image: torch.Tensor, patch: Sequence[int], stride: Sequence[int],
+                         sw_batch_size: int = 4) -> torch.Tensor:
+    """Averaged softmax [K, *spatial] for one image [C, *spatial] (on the network's device)."""
+    spatial = image.shape[1:]
+    if len(patch) != len(spatial) or len(stride) != len(spatial):
+        raise ValueError(f"patch {tuple(patch)} / stride {tuple(stride)} do not match image dims {tuple(spatial)}")
+    totals = [max(p - s, 0) for s, p in zip(spatial, patch, strict=True)]
+    pad = [(t // 2, t - t // 2) for t in totals]
+    flat_pad = [v for left_right in reversed(pad) for v in left_right]
+    padded = F.pad(image, flat_pad) if any(totals) else image
+    size = padded.shape[1:]
+    starts = [window_starts(L, p, s) for L, p, s in zip(size, patch, stride, strict=True)]
+    windows = [tuple(slice(a, a + p) for a, p in zip(corner, patch, strict=True))
+               for corner in itertools.product(*starts)]
+    score: torch.Tensor | None = None
+    count = torch.zeros(size, device=image.device)
+    for chunk_start in range(0, len(windows), sw_batch_size):
+        chunk = windows[chunk_start:chunk_start + sw_batch_size]
+        x = torch.stack([padded[(slice(None), *w)] for w in chunk])
+        with autocast_for(image.device):
+            logits = net(x)
+        probs = logits.float().softmax(1)
+        if score is None:
+            score = torch.zeros((probs.shape[1], *size), device=image.device)
+        for w, p in zip(chunk, probs, strict=True):
+            score[(slice(None), *w)] += p
+            count[w] += 1
+    assert score is not None
+    probs = score / count
+    crop = tuple(slice(left, left + s) for (left, _), s in zip(pad, spatial, strict=True))
+    return probs[(slice(None), *crop)]
+
+
+def predict_volume(net: nn.Module, image: np.ndarray, protocol: InferenceProtocol,
+                   device: torch.device) -> np.ndarray:
+    """Label map (uint8, *spatial) of one image (C, *spatial), with optional largest-component filter."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    probs = sliding_window_probs(net, tensor, protocol.patch_size, protocol.stride, protocol.sw_batch_size)
+    label = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    if protocol.post_lcc:
+        filtered = np.zeros_like(label)
+        for c in range(1, probs.shape[0]):
+            filtered[largest_connected_component(label == c)] = c
+        label = filtered
+    return label

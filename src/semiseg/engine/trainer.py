@@ -1,0 +1,255 @@
+"""The iteration-based training loop. It knows nothing about any method.
+
+Each iteration: fetch the precomputed batch, move it to the device, `method.train_step` under
+autocast, backward, optimiser step, `method.after_step`. Losses stay on the device and are read
+only every `log_every` iterations, so the GPU is never made to wait for the host in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .. import __version__
+from ..config import TrainConfig
+from ..data import Layout, Split, load_cases, open_dataset
+from ..data.loader import TwoStreamBatches, batch_loader
+from ..data.transforms import legacy_augmentation
+from ..errors import CheckpointError, ConfigError, SemisegError
+from ..methods.base import Method, NetSpec, StepContext
+from .checkpoint import check_writable, load_checkpoint, save_checkpoint
+from .inference import InferenceProtocol, autocast_for, predict_volume
+from .metrics import dice
+from .schedules import poly_lr
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+class DivergenceError(SemisegError):
+    """The loss became NaN or Inf."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --set device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Setup:
+    """Everything derived from a config: data, split, method and optimiser."""
+
+    layout: Layout
+    split: Split
+    method: Method
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+
+def build_method(cfg: TrainConfig, spec: NetSpec, device: torch.device) -> Method:
+    method = cfg.method_class()(cfg.method_params(), spec)
+    return method.to(device)
+
+
+def build_optimizer(cfg: TrainConfig, method: Method) -> torch.optim.Optimizer:
+    params = method.trainable_parameters()
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+def learning_rate(cfg: TrainConfig, iteration: int) -> float:
+    """LR used by update number `iteration` (1-based), as SSL4MIS-style loops set it."""
+    if cfg.lr_schedule == "poly":
+        return poly_lr(cfg.lr, iteration - 1, cfg.iterations, cfg.poly_power)
+    return cfg.lr
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    device = resolve_device(cfg.device)
+    layout = open_dataset(cfg.data, cfg.layout)
+    split = layout.split(cfg.labeled, cfg.val)
+    probe = layout.read(split.labeled[0])
+    spec = NetSpec(probe.image.shape[0], layout.num_classes, layout.spatial_dims, cfg.n_filters)
+    if len(cfg.patch_size) != layout.spatial_dims:
+        raise ConfigError(f"patch_size {cfg.patch_size} has {len(cfg.patch_size)} axes but {layout.name} data is "
+                          f"{layout.spatial_dims}D; pass --set patch_size with {layout.spatial_dims} sizes")
+    method = build_method(cfg, spec, device)
+    return Setup(layout, split, method, build_optimizer(cfg, method), device)
+
+
+def inference_protocol(cfg: TrainConfig) -> InferenceProtocol:
+    return InferenceProtocol(tuple(cfg.patch_size), tuple(cfg.stride), cfg.post_lcc)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs one configured training into `out` (config, logs, checkpoints, TensorBoard)."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
+        self.out = Path(out)
+        self.progress = progress
+        check_writable(self.out)
+        ckpt = self.out / CHECKPOINT
+        self.state: dict[str, Any] | None = None
+        if resume:
+            self.state = load_checkpoint(ckpt)
+            cfg = TrainConfig(**self.state["config"])
+        elif ckpt.exists():
+            raise CheckpointError(f"{ckpt}: this run folder already holds a checkpoint; pass --resume to "
+                                  "continue it, or choose a new --out")
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        self.s = setup(cfg)
+        self.start = 0
+        self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
+        if self.state is not None:
+            self.s.method.load_state_dict(self.state["method"])
+            self.s.optimizer.load_state_dict(self.state["optimizer"])
+            self.start = int(self.state["iteration"])
+            self.best = dict(self.state.get("best", self.best))
+            _restore_rng(self.state["rng"])
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+
+    def _payload(self, iteration: int) -> dict[str, Any]:
+        return {"config": self.cfg.model_dump(mode="json"), "iteration": iteration,
+                "spec": asdict(self.s.method.spec),
+                "method": self.s.method.state_dict(), "optimizer": self.s.optimizer.state_dict(),
+                "rng": _rng_state(), "best": self.best, "semiseg_version": __version__}
+
+    def _batches(self) -> TwoStreamBatches:
+        cfg, split = self.cfg, self.s.split
+        labeled = load_cases(self.s.layout, split.labeled, with_label=True)
+        unlabeled = load_cases(self.s.layout, split.unlabeled, with_label=False) if cfg.batch_unlabeled else []
+        return TwoStreamBatches(labeled, unlabeled, cfg.batch_labeled, cfg.batch_unlabeled,
+                                legacy_augmentation(cfg.patch_size, cfg.rot_flip), cfg.seed, self.start,
+                                cfg.iterations)
+
+    def validate(self) -> float:
+        """Mean foreground Dice on the validation cases (never the test cases)."""
+        method, device = self.s.method, self.s.device
+        net = method.inference_network()
+        method.eval()
+        scores = []
+        for case_id in self.s.split.val:
+            case = self.s.layout.read_eval(case_id)
+            pred = predict_volume(net, case.image, inference_protocol(self.cfg), device)
+            scores.append(float(np.mean([dice(pred == c, case.label == c)
+                                         for c in range(1, self.s.layout.num_classes)])))
+        method.train()
+        return float(np.mean(scores))
+
+    def run(self) -> Path:
+        cfg, method, optimizer, device = self.cfg, self.s.method, self.s.optimizer, self.s.device
+        if self.start >= cfg.iterations:
+            return self.out / CHECKPOINT
+        batches = self._batches()
+        loader = batch_loader(batches, cfg.num_workers, pin_memory=device.type == "cuda")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
+        log_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+        method.train()
+        t0 = time.perf_counter()
+        t_window, done_in_window = t0, 0
+        last_saved = self.start
+        try:
+            for iteration, batch in enumerate(loader, start=self.start + 1):
+                ctx = StepContext(iteration, cfg.iterations, len(self.s.split.labeled))
+                lr = learning_rate(cfg, iteration)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = batch.to(device)
+                with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
+                    step = method.train_step(batch, ctx)
+                optimizer.zero_grad(set_to_none=True)
+                step.loss.backward()
+                optimizer.step()
+                method.after_step(ctx)
+                done_in_window += 1
+                if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
+                    now = time.perf_counter()
+                    record = {"iteration": iteration, "lr": lr, "loss": float(step.loss.detach()),
+                              **{k: float(v) for k, v in step.logs.items()},
+                              "s_per_it": (now - t_window) / done_in_window}
+                    t_window, done_in_window = now, 0
+                    if not math.isfinite(record["loss"]):
+                        raise DivergenceError(
+                            f"loss is {record['loss']} at iteration {iteration}; the last good checkpoint is "
+                            f"{self.out / CHECKPOINT} (iteration {last_saved}); lower the learning rate or "
+                            "check the data, then resume with --resume")
+                    for key, value in record.items():
+                        if key != "iteration":
+                            writer.add_scalar(key, value, iteration)
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    self._report(record, time.perf_counter() - t0, iteration)
+                if cfg.val > 0 and cfg.val_every > 0 and (iteration % cfg.val_every == 0
+                                                          or iteration == cfg.iterations):
+                    score = self.validate()
+                    writer.add_scalar("val/dice", score, iteration)
+                    log_file.write(json.dumps({"iteration": iteration, "val_dice": score}) + "\n")
+                    if score > self.best["dice"]:
+                        self.best = {"dice": score, "iteration": iteration}
+                        save_checkpoint(self.out / BEST, self._payload(iteration))
+                if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+                    save_checkpoint(self.out / CHECKPOINT, self._payload(iteration))
+                    last_saved = iteration
+        finally:
+            writer.close()
+            log_file.close()
+        elapsed = time.perf_counter() - t0
+        summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed,
+                   "s_per_it": elapsed / max(cfg.iterations - self.start, 1),
+                   "peak_memory_mb": peak_memory_mb(device), "device": str(device), "best_val": self.best}
+        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        return self.out / CHECKPOINT
+
+    def _report(self, record: dict[str, float], elapsed: float, iteration: int) -> None:
+        if not self.progress:
+            return
+        done = iteration - self.start
+        eta = elapsed / done * (self.cfg.iterations - iteration)
+        print(f"[{iteration}/{self.cfg.iterations}] loss {record['loss']:.4f} lr {record['lr']:.2e} "
+              f"{record['s_per_it']:.3f} s/it  ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)

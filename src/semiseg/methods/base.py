@@ -1,0 +1,82 @@
+"""The method interface (USB style): one class per algorithm, registered by name.
+
+A method owns its networks (and EMA teachers, memory banks: everything that is part of its state
+lives in `state_dict`), declares its hyper-parameters as a pydantic model with defaults, and turns
+one two-stream batch into losses in `train_step`. The trainer knows nothing about any method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ..data.loader import Batch
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyper-parameters; unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """What the data fixes about a network."""
+
+    in_channels: int = 1
+    num_classes: int = 2
+    spatial_dims: int = 3
+    n_filters: int = 16
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """`iteration` counts from 1 (the first update), as the papers' ramp-ups do."""
+
+    iteration: int
+    total_iterations: int
+    n_labeled_cases: int = 0
+
+
+@dataclass
+class StepOutput:
+    """`loss` is back-propagated; `logs` are detached scalars, read by the trainer only when it logs."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module, ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    # Training-recipe defaults (optimiser, iterations, patch...) that differ from the common LA recipe.
+    recipe: ClassVar[dict[str, Any]] = {}
+    # Named presets: each a dict of training-config keys and method parameters (e.g. "la-8").
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, params: MethodParams, spec: NetSpec) -> None:
+        super().__init__()
+        self.params = params
+        self.spec = spec
+
+    @abstractmethod
+    def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
+        """Losses for one batch; called in train mode inside the trainer's autocast."""
+
+    @abstractmethod
+    def inference_network(self) -> nn.Module:
+        """The network evaluated at test time; its forward returns class logits."""
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after each optimiser step (EMA teachers update here)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters given to the optimiser (EMA teachers are excluded by overriding this)."""
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,6 @@
+"""Networks: the legacy VNet family (and, per dataset, 2D networks)."""
+
+from .factory import default_network
+from .vnet import MultiDecoderVNet, VNet, VNetDecoder, VNetEncoder, count_parameters
+
+__all__ = ["MultiDecoderVNet", "VNet", "VNetDecoder", "VNetEncoder", "count_parameters", "default_network"]
