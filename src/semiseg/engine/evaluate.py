@@ -118,7 +118,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
     method.load_state_dict(payload["method"])
     method.eval()
     net = method.inference_network()
-    protocol = inference_protocol(cfg)
+    protocol = inference_protocol(cfg, layout)
     rows = []
     for case_id in ids:
         case = layout.read_eval(case_id)

@@ -24,6 +24,7 @@ from .postprocess import largest_connected_component
 class InferenceProtocol:
     """How a volume becomes a label map; recorded verbatim in every protocol card."""
 
+    mode: str = "sliding_window"
     patch_size: tuple[int, ...] = (112, 112, 80)
     stride: tuple[int, ...] = (18, 18, 4)
     post_lcc: bool = False
@@ -84,7 +85,10 @@ def predict_volume(net: nn.Module, image: np.ndarray, protocol: InferenceProtoco
                    device: torch.device) -> np.ndarray:
     """Label map (uint8, *spatial) of one image (C, *spatial), with optional largest-component filter."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-    probs = sliding_window_probs(net, tensor, protocol.patch_size, protocol.stride, protocol.sw_batch_size)
+    if protocol.mode == "sliding_window":
+        probs = sliding_window_probs(net, tensor, protocol.patch_size, protocol.stride, protocol.sw_batch_size)
+    else:
+        raise ValueError(f"unknown inference mode {protocol.mode!r}")
     label = probs.argmax(0).to(torch.uint8).cpu().numpy()
     if protocol.post_lcc:
         filtered = np.zeros_like(label)

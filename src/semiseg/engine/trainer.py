@@ -25,7 +25,6 @@ from .. import __version__
 from ..config import TrainConfig
 from ..data import Layout, Split, load_cases, open_dataset
 from ..data.loader import TwoStreamBatches, batch_loader
-from ..data.transforms import legacy_augmentation
 from ..errors import CheckpointError, ConfigError, SemisegError
 from ..methods.base import Method, NetSpec, StepContext
 from .checkpoint import check_writable, load_checkpoint, save_checkpoint
@@ -106,8 +105,9 @@ def setup(cfg: TrainConfig) -> Setup:
     return Setup(layout, split, method, build_optimizer(cfg, method), device)
 
 
-def inference_protocol(cfg: TrainConfig) -> InferenceProtocol:
-    return InferenceProtocol(tuple(cfg.patch_size), tuple(cfg.stride), cfg.post_lcc)
+def inference_protocol(cfg: TrainConfig, layout: Layout | None = None) -> InferenceProtocol:
+    mode = layout.inference_mode if layout is not None else "sliding_window"
+    return InferenceProtocol(mode, tuple(cfg.patch_size), tuple(cfg.stride), cfg.post_lcc)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -162,9 +162,9 @@ class Trainer:
         cfg, split = self.cfg, self.s.split
         labeled = load_cases(self.s.layout, split.labeled, with_label=True)
         unlabeled = load_cases(self.s.layout, split.unlabeled, with_label=False) if cfg.batch_unlabeled else []
-        return TwoStreamBatches(labeled, unlabeled, cfg.batch_labeled, cfg.batch_unlabeled,
-                                legacy_augmentation(cfg.patch_size, cfg.rot_flip), cfg.seed, self.start,
-                                cfg.iterations)
+        transform = self.s.layout.train_transform(tuple(cfg.patch_size), cfg.rot_flip)
+        return TwoStreamBatches(labeled, unlabeled, cfg.batch_labeled, cfg.batch_unlabeled, transform, cfg.seed,
+                                self.start, cfg.iterations)
 
     def validate(self) -> float:
         """Mean foreground Dice on the validation cases (never the test cases)."""
@@ -174,7 +174,7 @@ class Trainer:
         scores = []
         for case_id in self.s.split.val:
             case = self.s.layout.read_eval(case_id)
-            pred = predict_volume(net, case.image, inference_protocol(self.cfg), device)
+            pred = predict_volume(net, case.image, inference_protocol(self.cfg, self.s.layout), device)
             scores.append(float(np.mean([dice(pred == c, case.label == c)
                                          for c in range(1, self.s.layout.num_classes)])))
         method.train()

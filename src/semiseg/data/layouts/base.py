@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from ...errors import DataError
 from ..h5 import Case, read_case
+from ..transforms import Transform, legacy_augmentation
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Layout(ABC):
     spatial_dims: ClassVar[int] = 3
     num_classes: ClassVar[int] = 2
     class_names: ClassVar[tuple[str, ...]] = ("background", "foreground")
+    # How evaluation turns a volume into a label map: "sliding_window" (3D protocols) or "slicewise"
+    # (2D networks on 3D volumes, ACDC).
+    inference_mode: ClassVar[str] = "sliding_window"
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -58,6 +62,10 @@ class Layout(ABC):
     def read_eval(self, case_id: str) -> Case:
         """A whole evaluation volume with its label."""
         return self.read(case_id, with_label=True)
+
+    def train_transform(self, patch_size: tuple[int, ...], rot_flip: bool) -> Transform:
+        """Training augmentation of this dataset's protocol (LA: RandomRotFlip + RandomCrop)."""
+        return legacy_augmentation(patch_size, rot_flip)
 
     def split(self, labeled: int, val: int = 0) -> Split:
         """Labelled = the first `labeled` training ids (the papers' rule), the rest unlabelled.
