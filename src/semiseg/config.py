@@ -62,6 +62,13 @@ class TrainConfig(BaseModel):
             return tuple(int(v) for v in value.replace("x", ",").split(",") if v)
         return value
 
+    @field_validator("patch_size")
+    @classmethod
+    def _divisible(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v <= 0 or v % 16 for v in value):
+            raise ValueError("every patch size must be a positive multiple of 16 (the networks halve it four times)")
+        return value
+
     @field_validator("iterations", "batch_labeled", "n_filters", "log_every", "checkpoint_every")
     @classmethod
     def _positive(cls, value: int) -> int:

@@ -69,7 +69,8 @@ def sliding_window_probs(net: nn.Module, image: torch.Tensor, patch: Sequence[in
         x = torch.stack([padded[(slice(None), *w)] for w in chunk])
         with autocast_for(image.device):
             logits = net(x)
-        probs = logits.float().softmax(1)
+        # A net with `window_scores = True` returns scores to average as they are (MLRPL quirk Q5).
+        probs = logits.float() if getattr(net, "window_scores", False) else logits.float().softmax(1)
         if score is None:
             score = torch.zeros((probs.shape[1], *size), device=image.device)
         for w, p in zip(chunk, probs, strict=True):

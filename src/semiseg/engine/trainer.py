@@ -130,6 +130,8 @@ class Trainer:
         self.out = Path(out)
         self.progress = progress
         check_writable(self.out)
+        for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
+            torn.unlink()
         ckpt = self.out / CHECKPOINT
         self.state: dict[str, Any] | None = None
         if resume:
