@@ -1,0 +1,143 @@
+"""Speed and memory of every method at the paper's sizes (LA: batch 2+2, patch 112x112x80).
+
+For each method, in a fresh process (so peak memory is its own): time to build one batch (data loading and
+augmentation), time of one full training step (forward + backward + optimiser, synchronised on GPU), and the
+inference time of the evaluated network on LA test volumes at the protocol stride 18/18/4, metrics included.
+
+    python benchmarks/speed.py --methods supervised caml mlrpl --data ../shared/data/LA --steps 3 --infer-cases 2
+
+Writes benchmarks/results/speed-<device>.json and the matching section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, markdown_table, stamp, update_section  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, device: str,
+            overrides: list[str]) -> dict:
+    from semiseg.config import build_config, parse_set
+    from semiseg.data import load_cases
+    from semiseg.data.loader import TwoStreamBatches
+    from semiseg.engine.inference import InferenceProtocol, predict_volume
+    from semiseg.engine.metrics import case_metrics
+    from semiseg.engine.trainer import peak_memory_mb, setup
+    from semiseg.methods.base import StepContext
+    from semiseg.nets import count_parameters
+
+    cls_presets = __import__("semiseg.methods", fromlist=["get_method"]).get_method(method).presets
+    preset = "la-8" if "la-8" in cls_presets else None
+    cfg = build_config(method, None, {"data": data, "labeled": 8, "device": device, **parse_set(overrides)}, preset)
+    s = setup(cfg)
+    dev = s.device
+    lab = load_cases(s.layout, s.split.labeled, True)
+    unl = load_cases(s.layout, s.split.unlabeled[:8], False) if cfg.batch_unlabeled else []
+    batches = TwoStreamBatches(lab, unl, cfg.batch_labeled, cfg.batch_unlabeled,
+                               s.layout.train_transform(tuple(cfg.patch_size), cfg.rot_flip), cfg.seed, 0,
+                               warmup + steps)
+    t0 = time.perf_counter()
+    prepared = [batches[i] for i in range(warmup + steps)]
+    data_s = (time.perf_counter() - t0) / len(prepared)
+    method_obj, opt = s.method, s.optimizer
+    method_obj.train()
+    step_times = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
+                                                                                                    enabled=False)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for i, batch in enumerate(prepared):
+        _sync(dev)
+        t = time.perf_counter()
+        batch = batch.to(dev)
+        ctx = StepContext(i + 1, cfg.iterations, len(lab))
+        with autocast:
+            out = method_obj.train_step(batch, ctx)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        method_obj.after_step(ctx)
+        _sync(dev)
+        if i >= warmup:
+            step_times.append(time.perf_counter() - t)
+    train_peak = peak_memory_mb(dev)
+    result = {"method": method, "preset": preset, "device": str(dev), "patch": list(cfg.patch_size),
+              "batch": f"{cfg.batch_labeled}+{cfg.batch_unlabeled}", "params": count_parameters(method_obj),
+              "data_s_per_batch": data_s, "step_s": sum(step_times) / len(step_times), "steps": len(step_times),
+              "train_peak_mb": train_peak}
+    if infer_cases:
+        net = method_obj.inference_network()
+        method_obj.eval()
+        protocol = InferenceProtocol(patch_size=tuple(cfg.patch_size), stride=tuple(cfg.stride))
+        times = []
+        for case_id in s.layout.test_ids[:infer_cases]:
+            case = s.layout.read_eval(case_id)
+            _sync(dev)
+            t = time.perf_counter()
+            pred = predict_volume(net, case.image, protocol, dev)
+            case_metrics(pred == 1, case.label == 1)
+            times.append(time.perf_counter() - t)
+        result.update({"infer_s_per_volume": sum(times) / len(times), "infer_volumes": len(times),
+                       "peak_mb": peak_memory_mb(dev)})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "LA"))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--infer-cases", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value config override")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.data, args.steps, args.warmup, args.infer_cases, args.device,
+                                 args.overrides)))
+        return
+    from semiseg.methods import available_methods
+
+    methods = args.methods or [m for m, cls in available_methods().items()]
+    results = []
+    for name in methods:
+        cmd = [sys.executable, __file__, "--one", name, "--data", args.data, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--infer-cases", str(args.infer_cases), "--device", args.device,
+               *[f"--set={o}" for o in args.overrides]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    device = results[0]["device"].split(":")[0] if results else "none"
+    out = REPO / "benchmarks" / "results" / f"speed-{device}.json"
+    out.write_text(json.dumps({"stamp": stamp(), "results": results}, indent=1))
+    rows = [[r["method"], r["preset"] or "-", r["batch"], f"{r['params']:,}", f"{r['data_s_per_batch']:.3f}",
+             f"{r['step_s']:.2f}", f"{r['train_peak_mb']:.0f}",
+             f"{r['infer_s_per_volume']:.1f} ({r['infer_volumes']})" if "infer_s_per_volume" in r else "not measured"]
+            for r in results]
+    table = markdown_table(["method", "preset", "batch (L+U)", "params", "data s/batch", "step s/it",
+                            "peak MB (train)", "inference s/volume (volumes)"], rows)
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    cmd = f"python benchmarks/speed.py --steps {args.steps} --infer-cases {args.infer_cases}{sets}"
+    update_section(f"speed-{device}", f"{stamp()}\n\nCommand: `{cmd}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
