@@ -197,3 +197,18 @@ def test_real_la_reader_and_split(la_root: Path) -> None:
         assert case.image.dtype == np.float32 and case.image.shape[0] == 1 and case.image.shape[-1] == 88
         assert set(np.unique(case.label)) == {0, 1}
         assert 0.3 < case.image.mean() < 2.0  # z-scored on the full volume, then cropped (protocol.md 1.1)
+
+
+def test_process_shares_of_the_global_batch_equal_the_single_process_batch(tiny_synthetic: str) -> None:
+    import torch
+
+    from semiseg.data import load_cases
+
+    layout = open_dataset(tiny_synthetic)
+    split = layout.split(3)
+    lab, unl = load_cases(layout, split.labeled, True), load_cases(layout, split.unlabeled, False)
+    aug = legacy_augmentation((16, 16, 16))
+    single = TwoStreamBatches(lab, unl, 4, 2, aug, 1, 0, 5)[3]
+    shares = [TwoStreamBatches(lab, unl, 2, 1, aug, 1, 0, 5, rank=r, world=2)[3] for r in range(2)]
+    for key in ("image_labeled", "label_labeled", "image_unlabeled", "index_labeled"):
+        assert torch.equal(getattr(single, key), torch.cat([getattr(s, key) for s in shares])), key

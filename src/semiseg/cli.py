@@ -1,4 +1,4 @@
-"""`semiseg` command line: methods, train, evaluate, predict, demo.
+"""`semiseg` command line: methods, train, evaluate, predict, demo, report and data (prepare, download, convert).
 
 User errors (`SemisegError`) print one line and exit with status 2; a traceback means a bug.
 """
@@ -98,15 +98,19 @@ def evaluate(
 @app.command()
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder or checkpoint file")],
-    inputs: Annotated[list[Path], typer.Argument(help="Images (.h5, .nii, .nii.gz) or folders of them")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images (.h5, .nii, .nii.gz, .nrrd; multi-channel as "
+                                                  "CASE_0000, CASE_0001, ...) or folders of them")],
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("predictions"),
-    normalize: Annotated[str, typer.Option(help="auto (z-score NIfTI), zscore or none")] = "auto",
+    normalize: Annotated[str, typer.Option(help="auto (the prepared dataset's recipe, else z-score NIfTI), "
+                                           "zscore or none")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    data: Annotated[str | None, typer.Option(help="Training dataset, if moved since training (for its "
+                                             "preprocessing)")] = None,
 ) -> None:
-    """Write label maps for new images (NIfTI keeps the input's affine and header)."""
+    """Write label maps for new images (NIfTI / NRRD on the input's grid, with its affine and header)."""
     from .engine.predict import predict_files
 
-    for path in predict_files(checkpoint, inputs, out, device, normalize):
+    for path in predict_files(checkpoint, inputs, out, device, normalize, data):
         typer.echo(str(path))
 
 
@@ -133,6 +137,89 @@ def demo(
     for line in format_summary(summary):
         typer.echo(line)
     typer.echo(json.dumps({"summary": str(out / "eval-test" / "summary.json")}))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Your own data: check and prepare it; convert or download "
+                       "public datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    folder: Annotated[Path, typer.Argument(help="nnU-Net-style folder: dataset.json, imagesTr/, labelsTr/, ...")],
+    out: Annotated[Path | None, typer.Option(help="Cache folder (default FOLDER/semiseg-prepared)")] = None,
+    spacing: Annotated[str | None, typer.Option(help="Resample to X,Y,Z mm, or 'median' (default: native)")] = None,
+    ct_window: Annotated[str | None, typer.Option(help="CT window LO,HI in HU (default: 0.5-99.5 % of the "
+                                                  "labelled foreground)")] = None,
+    check: Annotated[bool, typer.Option(help="Only check the files, write nothing")] = False,
+) -> None:
+    """Check every file (prints each problem with its file name), then write the training cache."""
+    from .data.prepare import prepare
+
+    window = None
+    if ct_window:
+        values = [float(v) for v in ct_window.split(",")]
+        if len(values) != 2 or values[0] >= values[1]:
+            raise SemisegError(f"--ct-window {ct_window!r}: give LO,HI with LO < HI, e.g. -125,275")
+        window = (values[0], values[1])
+    cache = prepare(folder, out, spacing, window, check_only=check)
+    if cache is None:
+        typer.echo(f"{folder}: no problems found")
+        return
+    manifest = json.loads((cache / "prepared.json").read_text())
+    typer.echo(f"prepared {len(manifest['labeled'])} labelled, {len(manifest['unlabeled'])} unlabelled and "
+               f"{len(manifest['test'])} labelled test cases: {cache}")
+    typer.echo(f"train with: semiseg train --data {folder if out is None else cache} --labeled "
+               f"{len(manifest['labeled'])} --set patch_size=X,Y,Z (multiples of 16)")
+
+
+@data_app.command("download")
+def data_download(
+    dataset: Annotated[str, typer.Argument(help="la (the preprocessed LA-2018 files of the UA-MT protocol)")],
+    out: Annotated[Path, typer.Option(help="Dataset folder to create")] = Path("data/LA"),
+    base_url: Annotated[str | None, typer.Option(help="Where the case folders are served")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel downloads")] = 4,
+) -> None:
+    """Fetch, verify (SHA-256) and resume; a file is only ever in place once it is complete and correct."""
+    from .data.download import LA_URL, download_la
+
+    if dataset != "la":
+        raise SemisegError(f"unknown dataset {dataset!r}; downloadable: la (ACDC, Pancreas-CT and BraTS need "
+                           "registration: download them yourself, then `semiseg data convert`)")
+    fetched, present = download_la(out, base_url or LA_URL, workers, progress=typer.echo)
+    typer.echo(f"{fetched} downloaded, {present} already present and verified: {out}")
+
+
+@data_app.command("convert")
+def data_convert(
+    dataset: Annotated[str, typer.Argument(help="acdc, pancreas or brats")],
+    raw: Annotated[Path, typer.Argument(help="Folder of the raw public download")],
+    out: Annotated[Path, typer.Option(help="Output folder in the protocol layout")],
+    labels: Annotated[Path | None, typer.Option(help="pancreas: folder of the labelNNNN.nii.gz files")] = None,
+    split_dir: Annotated[Path | None, typer.Option(help="brats: folder with SSL4MIS train.txt / val.txt / "
+                                                   "test.txt to reuse")] = None,
+) -> None:
+    """Convert a raw public dataset into the layout and preprocessing of its benchmark protocol."""
+    from .data.convert import convert
+
+    for line in convert(dataset, raw, out, labels=labels, split_dir=split_dir):
+        typer.echo(line)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default RUN/report)")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on)")] = None,
+    split: Annotated[str, typer.Option(help="Evaluation to show: test or val")] = "test",
+) -> None:
+    """Training curves, per-case overlays and an HTML page with the per-case metrics."""
+    from .report import write_report
+
+    result = write_report(run, out, data, split)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"report: {result.index}")
 
 
 def main() -> None:

@@ -35,13 +35,19 @@ class TrainConfig(BaseModel):
     stride: tuple[int, ...] = (18, 18, 4)
     rot_flip: bool = True
     n_filters: int = 16
+    norm: Literal["batchnorm", "instancenorm", "groupnorm", "none"] = "batchnorm"  # VNet normalisation
+    dropout: float = 0.5  # VNet Dropout3d on x5 and x9 (the legacy 0.5)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    lr_schedule: Literal["constant", "poly"] = "constant"
+    lr_schedule: Literal["constant", "poly", "step"] = "constant"
     poly_power: float = 0.9
+    poly_horizon: int = 0  # "poly": iterations the decay spans, 0 = `iterations` (CrossMatch-LA: 17,000)
+    lr_step: int = 2500
+    lr_gamma: float = 0.1
+    lr_step_start: int = 0  # "step": iterations at the base rate before the first period (BCP's pre-training)
     seed: int = 1337
     checkpoint_every: int = 1000
     log_every: int = 20
@@ -51,6 +57,8 @@ class TrainConfig(BaseModel):
     empty_policy: Literal["legacy_zero", "nan", "penalty"] = "legacy_zero"
     device: str = "auto"
     amp: bool = True
+    sync_bn: bool = False  # multi-GPU: synchronise BatchNorm statistics across processes (CUDA only)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run, or skip that update
     num_workers: int = 2
     preset: str | None = None
     params: dict[str, Any] = {}

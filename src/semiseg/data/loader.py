@@ -58,35 +58,47 @@ class Batch:
 
 
 class TwoStreamBatches(Dataset):
-    """Map-style dataset whose item i is the whole batch of iteration `start + i` (0-based)."""
+    """Map-style dataset whose item i is the batch of iteration `start + i` (0-based) for one process.
+
+    With `world` processes, the global batch of an iteration holds `world * batch_labeled` labelled and
+    `world * batch_unlabeled` unlabelled samples, and process `rank` takes its own contiguous share; every sample's
+    augmentation has its own seed, so the union over processes equals the single-process batch of the same size.
+    """
 
     def __init__(self, labeled: list[Case], unlabeled: list[Case], batch_labeled: int, batch_unlabeled: int,
-                 transform: Transform, seed: int, start: int, stop: int) -> None:
+                 transform: Transform, seed: int, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
         self.labeled, self.unlabeled = labeled, unlabeled
         self.batch_labeled = batch_labeled
         self.batch_unlabeled = batch_unlabeled if unlabeled else 0
         self.transform, self.seed, self.start, self.stop = transform, seed, start, stop
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
 
+    def _sample(self, stream: int, iteration: int, slot: int, cases: list[Case], with_label: bool):
+        """Sample `slot` of the global batch of one stream: its case and its own augmentation seed."""
+        per_iteration = (self.batch_labeled if stream == _LABELED_STREAM else self.batch_unlabeled) * self.world
+        index = stream_index(self.seed, stream, iteration * per_iteration + slot, len(cases))
+        rng = np.random.default_rng([self.seed, _AUGMENT, stream, iteration, slot])
+        case = cases[index]
+        sample = {"image": case.image, "label": case.label} if with_label else {"image": case.image}
+        return index, self.transform(sample, rng)
+
     def __getitem__(self, i: int) -> Batch:
         iteration = self.start + i
-        rng = np.random.default_rng([self.seed, _AUGMENT, iteration])
-        lab_idx = [stream_index(self.seed, _LABELED_STREAM, iteration * self.batch_labeled + j, len(self.labeled))
-                   for j in range(self.batch_labeled)]
-        lab = [self.transform({"image": self.labeled[k].image, "label": self.labeled[k].label}, rng)
-               for k in lab_idx]
-        unl = [self.transform({"image": self.unlabeled[stream_index(
-            self.seed, _UNLABELED_STREAM, iteration * self.batch_unlabeled + j, len(self.unlabeled))].image}, rng)
-            for j in range(self.batch_unlabeled)]
-        image_l = torch.from_numpy(np.stack([s["image"] for s in lab]))
+        first_l, first_u = self.rank * self.batch_labeled, self.rank * self.batch_unlabeled
+        lab = [self._sample(_LABELED_STREAM, iteration, first_l + j, self.labeled, True)
+               for j in range(self.batch_labeled)]
+        unl = [self._sample(_UNLABELED_STREAM, iteration, first_u + j, self.unlabeled, False)[1]
+               for j in range(self.batch_unlabeled)]
+        image_l = torch.from_numpy(np.stack([s["image"] for _, s in lab]))
         empty = image_l.new_zeros((0, *image_l.shape[1:]))
         return Batch(
             image_labeled=image_l,
-            label_labeled=torch.from_numpy(np.stack([s["label"] for s in lab]).astype(np.int64)),
+            label_labeled=torch.from_numpy(np.stack([s["label"] for _, s in lab]).astype(np.int64)),
             image_unlabeled=torch.from_numpy(np.stack([s["image"] for s in unl])) if unl else empty,
-            index_labeled=torch.tensor(lab_idx, dtype=torch.int64),
+            index_labeled=torch.tensor([k for k, _ in lab], dtype=torch.int64),
         )
 
 

@@ -82,6 +82,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any]
 
 def _split_ids(layout: Layout, cfg: TrainConfig | None, split: str) -> list[str]:
     if split == "test":
+        if not layout.test_ids:
+            raise DataError(f"{layout.root}: no labelled test cases (own data: put test labels in labelsTs/ and "
+                            "run `semiseg data prepare` again); `semiseg predict` labels unlabelled scans")
         return list(layout.test_ids)
     if split == "val":
         ids = layout.split(cfg.labeled, cfg.val).val if cfg is not None and cfg.val else list(layout.val_ids)
@@ -132,6 +135,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
     train_split = layout.split(cfg.labeled, cfg.val)
     card = {
         "dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
+                    "class_names": list(layout.class_names),
                     "labeled_ids": train_split.labeled, "n_unlabeled": len(train_split.unlabeled),
                     "val_ids": train_split.val, "val_source": train_split.val_source},
         "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: inference_network()"},
@@ -183,12 +187,19 @@ def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "tes
             raise DataError(f"{pred_dir}/{case_id}: prediction shape {pred.shape} differs from the label's "
                             f"{case.label.shape}")
         rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, empty_policy)})
-    card = {"dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids},
+    card = {"dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
+                        "class_names": list(layout.class_names)},
             "predictions": str(pred_dir), "metrics": _metric_card(empty_policy), "code_version": code_version()}
     return write_report(out, rows, card)
 
 
 def format_summary(summary: dict[str, Any]) -> Iterable[str]:
+    """Mean ± std of each metric, then one line per class for multi-class data (ACDC tables)."""
     for m in METRICS:
         stats = summary["metrics"][m]
         yield f"{m:8s} {stats['mean']:.4f} ± {stats['std']:.4f}"
+    names = summary["protocol"].get("dataset", {}).get("class_names", [])
+    for c in range(1, len(names)):
+        if f"dice_class{c}" in summary["metrics"]:
+            values = "  ".join(f"{m} {summary['metrics'][f'{m}_class{c}']['mean']:.4f}" for m in METRICS)
+            yield f"{names[c]:8s} {values}"

@@ -88,12 +88,16 @@ def predict_volume(net: nn.Module, image: np.ndarray, protocol: InferenceProtoco
     tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)
     if protocol.mode == "sliding_window":
         probs = sliding_window_probs(net, tensor, protocol.patch_size, protocol.stride, protocol.sw_batch_size)
+        label = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    elif protocol.mode == "slicewise":
+        from .slicewise import slicewise_labels
+
+        label = slicewise_labels(net, tensor, protocol.patch_size).to(torch.uint8).cpu().numpy()
     else:
         raise ValueError(f"unknown inference mode {protocol.mode!r}")
-    label = probs.argmax(0).to(torch.uint8).cpu().numpy()
     if protocol.post_lcc:
         filtered = np.zeros_like(label)
-        for c in range(1, probs.shape[0]):
+        for c in range(1, int(label.max()) + 1):
             filtered[largest_connected_component(label == c)] = c
         label = filtered
     return label

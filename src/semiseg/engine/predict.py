@@ -1,7 +1,16 @@
-"""Label maps for new images: h5 in, h5 out; NIfTI in, NIfTI out with the input's affine and header."""
+"""Label maps for new scans: h5 in, h5 out; NIfTI / NRRD in, the same format out on the scan's own grid.
+
+A model trained on a prepared (nnU-Net style) dataset repeats that dataset's preprocessing on each
+scan (RAS+ reorientation, resampling, per-channel normalisation) and maps the prediction back onto
+the scan's voxel grid, so the written label map has the input's affine and header. Multi-channel
+scans are given as nnU-Net channel files `CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ... The sliding
+window is the run's (its preset's patch and stride).
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -9,6 +18,8 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..data.h5 import Case, validate_case
+from ..data.layouts.nnunet import find_prepared
+from ..data.prepare import CHANNEL_FILE, PREPARED, Recipe, Volume, read_volume, split_suffix, write_label_like
 from ..errors import DataError
 from ..methods.base import NetSpec
 from .checkpoint import load_checkpoint
@@ -16,86 +27,158 @@ from .evaluate import resolve_checkpoint
 from .inference import predict_volume
 from .trainer import build_method, inference_protocol, resolve_device
 
-SUFFIXES = (".h5", ".nii.gz", ".nii")
+H5 = ".h5"
 
 
-def _inputs(paths: list[Path]) -> list[Path]:
+def _candidates(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.name.endswith(SUFFIXES))
+            files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                            and (p.name.endswith(H5) or split_suffix(p.name)[1]))
         elif path.is_file():
             files.append(path)
         else:
             raise DataError(f"{path}: input not found")
     if not files:
-        raise DataError(f"no .h5 / .nii / .nii.gz images in {', '.join(map(str, paths))}")
+        raise DataError(f"no .h5 / .nii / .nii.gz / .nrrd images in {', '.join(map(str, paths))}")
     return files
 
 
-def _stem(path: Path) -> str:
-    return next(path.name[: -len(s)] for s in SUFFIXES if path.name.endswith(s)) if path.name.endswith(
-        SUFFIXES) else path.stem
+def group_inputs(paths: list[Path], channels: int) -> dict[str, list[Path]]:
+    """Case id -> its channel files in order. `CASE_XXXX.ext` files are grouped by CASE (nnU-Net names);
+
+    a single `CASE_0000.ext` given alone brings its sibling channel files along.
+    """
+    cases: dict[str, dict[int, Path]] = {}
+    for path in _candidates(paths):
+        stem = path.name[: -len(H5)] if path.name.endswith(H5) else split_suffix(path.name)[0]
+        match = CHANNEL_FILE.match(stem) if not path.name.endswith(H5) else None
+        if match is None:
+            cases.setdefault(stem, {})[0] = path
+            continue
+        group = cases.setdefault(match["case"], {})
+        group[int(match["channel"])] = path
+        if int(match["channel"]) == 0 and channels > 1:
+            suffix = split_suffix(path.name)[1]
+            for c in range(1, channels):
+                sibling = path.with_name(f"{match['case']}_{c:04d}{suffix}")
+                if sibling.is_file():
+                    group.setdefault(c, sibling)
+    grouped = {}
+    for case_id, files in cases.items():
+        expected = 1 if files.get(0, Path()).name.endswith(H5) else channels
+        if sorted(files) != list(range(expected)):
+            raise DataError(f"case {case_id!r}: the model expects {expected} channel file(s) "
+                            f"{case_id}_0000 .. {case_id}_{expected - 1:04d}, found channels {sorted(files)}")
+        grouped[case_id] = [files[c] for c in range(expected)]
+    return grouped
+
+
+def load_recipe(data: str) -> Recipe | None:
+    """The training dataset's preprocessing when it is a prepared dataset; None for h5 layouts."""
+    if data == "synthetic" or data.startswith("synthetic:"):
+        return None
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: the run's training data is not found from here, and predicting on NIfTI / NRRD "
+                        "scans needs its preprocessing; pass --data with the dataset (or its prepared cache)")
+    cache = find_prepared(root)
+    if cache is None:
+        return None
+    return Recipe.from_json(json.loads((cache / PREPARED).read_text())["recipe"])
+
+
+def _read_h5(path: Path) -> np.ndarray:
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise DataError(f"{path}: no 'image' dataset (found {list(f.keys())})")
+            return np.asarray(f["image"][()], dtype=np.float32)
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
+
+
+def _normalise(image: np.ndarray, scheme: str) -> np.ndarray:
+    """Per channel over the volume: z-score (LA-style h5 layouts) or min-max to [0, 1] (ACDC)."""
+    axes = tuple(range(1, image.ndim))
+    if scheme == "zscore":
+        return (image - image.mean(axis=axes, keepdims=True)) / (image.std(axis=axes, keepdims=True) + 1e-8)
+    if scheme == "minmax":
+        low = image.min(axis=axes, keepdims=True)
+        return (image - low) / np.maximum(image.max(axis=axes, keepdims=True) - low, 1e-8)
+    return image
+
+
+def _prepare_scan(files: list[Path], recipe: Recipe | None, normalize: str,
+                  slicewise: bool) -> tuple[np.ndarray, Volume | None]:
+    """(C, *spatial) network input, and the reference volume for writing (None for h5 input).
+
+    Without a recipe, a 2D (slice-wise) model gets the ACDC files' (z, y, x) axis order and [0, 1] range.
+    """
+    if files[0].name.endswith(H5):
+        image = _read_h5(files[0])
+        return (_normalise(image[None], "zscore")[0] if normalize == "zscore" else image), None
+    volumes = [read_volume(p) for p in files]
+    if recipe is not None and normalize == "auto":
+        return recipe.image(volumes)[0], volumes[0]
+    image = np.stack([np.asarray(v.data, dtype=np.float32) for v in volumes])
+    if slicewise:
+        image = np.ascontiguousarray(image.transpose(0, 3, 2, 1))
+    if normalize == "auto":
+        normalize = "minmax" if slicewise else "zscore"
+    return _normalise(image, normalize), volumes[0]
 
 
 def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str = "auto",
-                  normalize: str = "auto") -> list[Path]:
-    """Predict every input; `normalize` auto = z-score NIfTI images (as LA was), keep h5 images as stored."""
+                  normalize: str = "auto", data: str | None = None) -> list[Path]:
+    """Predict every input case and write its label map into `out`; returns the written files.
+
+    `normalize`: auto = the training dataset's recipe for prepared datasets, otherwise z-score NIfTI /
+    NRRD scans (min-max for 2D models) and keep h5 images as stored; zscore or none force that for all.
+    """
+    if normalize not in ("auto", "zscore", "none"):
+        raise DataError(f"--normalize {normalize!r}: use auto, zscore or none")
     ckpt_path, _ = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(ckpt_path)
     cfg = TrainConfig(**payload["config"])
+    spec = NetSpec(**payload["spec"])
+    cases = group_inputs(inputs, spec.in_channels)
+    needs_recipe = normalize == "auto" and any(not f[0].name.endswith(H5) for f in cases.values())
+    recipe = load_recipe(data or cfg.data) if needs_recipe else None
+    slicewise = spec.spatial_dims == 2  # 2D networks label volumes slice by slice (ACDC)
+    protocol = inference_protocol(cfg)
+    if slicewise:
+        protocol = replace(protocol, mode="slicewise")
     dev = resolve_device(device)
-    files = _inputs(inputs)
+    method = build_method(cfg, spec, dev)
+    method.load_state_dict(payload["method"])
+    method.eval()
+    net = method.inference_network()
     out.mkdir(parents=True, exist_ok=True)
-    net = None
     written = []
-    for path in files:
-        image, nifti = _read_image(path)
-        if (normalize == "auto" and nifti is not None) or normalize == "zscore":
-            image = (image - image.mean()) / (image.std() + 1e-8)
-        spec = NetSpec(**payload["spec"])
-        case = validate_case(Case(_stem(path), image.astype(np.float32), None, path), spec.num_classes,
-                             spec.spatial_dims)
+    for case_id, files in cases.items():
+        image, reference = _prepare_scan(files, recipe, normalize, slicewise)
+        case = validate_case(Case(case_id, image, None, files[0]), spec.num_classes, 3)
         if case.image.shape[0] != spec.in_channels:
-            raise DataError(f"{path}: image has {case.image.shape[0]} channels, the model expects "
+            raise DataError(f"{files[0]}: image has {case.image.shape[0]} channels, the model expects "
                             f"{spec.in_channels}")
-        if net is None:
-            method = build_method(cfg, spec, dev)
-            method.load_state_dict(payload["method"])
-            method.eval()
-            net = method.inference_network()
-        pred = predict_volume(net, case.image, inference_protocol(cfg), dev)
-        written.append(_write_label(out, case.case_id, pred, nifti))
+        pred = predict_volume(net, case.image, protocol, dev)
+        if reference is not None and slicewise:
+            pred = pred.transpose(2, 1, 0)
+        written.append(_write(out, case_id, pred, reference, recipe, files[0]))
     return written
 
 
-def _read_image(path: Path):
-    if path.name.endswith(".h5"):
-        try:
-            with h5py.File(path, "r") as f:
-                if "image" not in f:
-                    raise DataError(f"{path}: no 'image' dataset (found {list(f.keys())})")
-                return np.asarray(f["image"][()], dtype=np.float32), None
-        except OSError as exc:
-            raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
-    try:
-        import nibabel as nib
-    except ImportError:
-        raise DataError("NIfTI input needs nibabel: pip install 'semiseg[nifti]'") from None
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj, dtype=np.float32), img
-
-
-def _write_label(out: Path, case_id: str, pred: np.ndarray, nifti) -> Path:
-    if nifti is None:
-        path = out / f"{case_id}.h5"
+def _write(out: Path, case_id: str, pred: np.ndarray, reference: Volume | None, recipe: Recipe | None,
+           source: Path) -> Path:
+    if reference is None:
+        path = out / f"{case_id}{H5}"
         with h5py.File(path, "w") as f:
-            f.create_dataset("label", data=pred, compression="gzip")
+            f.create_dataset("label", data=pred.astype(np.uint8), compression="gzip")
         return path
-    import nibabel as nib
-
-    header = nifti.header.copy()
-    header.set_data_dtype(np.uint8)
-    path = out / f"{case_id}.nii.gz"
-    nib.save(nib.Nifti1Image(pred.astype(np.uint8), nifti.affine, header), str(path))
-    return path
+    if recipe is not None:
+        pred = recipe.restore(pred, reference)
+    suffix = split_suffix(source.name)[1]
+    suffix = ".nrrd" if suffix == ".nhdr" else suffix
+    return write_label_like(out / f"{case_id}{suffix}", pred, reference)

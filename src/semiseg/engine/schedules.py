@@ -17,3 +17,9 @@ def sigmoid_rampup(iteration: int, length_epochs: float, epoch_iterations: int =
 def poly_lr(base_lr: float, iteration: int, total: int, power: float = 0.9) -> float:
     """base * (1 - it / total)^power (SSL4MIS, CrossMatch)."""
     return base_lr * (1.0 - min(iteration, total) / total) ** power
+
+
+def step_lr(base_lr: float, iteration: int, step: int, gamma: float = 0.1) -> float:
+    """base * gamma^((it - 1) // step) for the 1-based update `it` (UA-MT paper, BCP: x0.1 every 2,500 updates);
+    updates at it <= 0 (before the schedule starts) use the base rate."""
+    return base_lr * gamma ** (max(iteration - 1, 0) // max(step, 1))

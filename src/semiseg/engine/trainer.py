@@ -8,7 +8,6 @@ only every `log_every` iterations, so the GPU is never made to wait for the host
 from __future__ import annotations
 
 import json
-import math
 import random
 import resource
 import sys
@@ -28,9 +27,10 @@ from ..data.loader import TwoStreamBatches, batch_loader
 from ..errors import CheckpointError, ConfigError, SemisegError
 from ..methods.base import Method, NetSpec, StepContext
 from .checkpoint import check_writable, load_checkpoint, save_checkpoint
+from .distributed import init_from_env, shutdown
 from .inference import InferenceProtocol, autocast_for, predict_volume
 from .metrics import dice
-from .schedules import poly_lr
+from .schedules import poly_lr, step_lr
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -88,16 +88,22 @@ def build_optimizer(cfg: TrainConfig, method: Method) -> torch.optim.Optimizer:
 def learning_rate(cfg: TrainConfig, iteration: int) -> float:
     """LR used by update number `iteration` (1-based), as SSL4MIS-style loops set it."""
     if cfg.lr_schedule == "poly":
-        return poly_lr(cfg.lr, iteration - 1, cfg.iterations, cfg.poly_power)
+        return poly_lr(cfg.lr, iteration - 1, cfg.poly_horizon or cfg.iterations, cfg.poly_power)
+    if cfg.lr_schedule == "step":
+        return step_lr(cfg.lr, iteration - cfg.lr_step_start, cfg.lr_step, cfg.lr_gamma)
     return cfg.lr
 
 
-def setup(cfg: TrainConfig) -> Setup:
+def setup(cfg: TrainConfig, local_rank: int | None = None) -> Setup:
+    """`local_rank` picks this process's GPU under torchrun."""
     device = resolve_device(cfg.device)
+    if local_rank is not None and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     layout = open_dataset(cfg.data, cfg.layout)
     split = layout.split(cfg.labeled, cfg.val)
     probe = layout.read(split.labeled[0])
-    spec = NetSpec(probe.image.shape[0], layout.num_classes, layout.spatial_dims, cfg.n_filters)
+    spec = NetSpec(probe.image.shape[0], layout.num_classes, layout.spatial_dims, cfg.n_filters, cfg.norm, cfg.dropout)
     if len(cfg.patch_size) != layout.spatial_dims:
         raise ConfigError(f"patch_size {cfg.patch_size} has {len(cfg.patch_size)} axes but {layout.name} data is "
                           f"{layout.spatial_dims}D; pass --set patch_size with {layout.spatial_dims} sizes")
@@ -124,14 +130,14 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Runs one configured training into `out` (config, logs, checkpoints, TensorBoard)."""
+    """Runs one configured training into `out` (config, logs, checkpoints, TensorBoard).
+
+    Under torchrun every process builds its own Trainer; rank 0 alone writes files and validates.
+    """
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
         self.out = Path(out)
         self.progress = progress
-        check_writable(self.out)
-        for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
-            torn.unlink()
         ckpt = self.out / CHECKPOINT
         self.state: dict[str, Any] | None = None
         if resume:
@@ -141,8 +147,15 @@ class Trainer:
             raise CheckpointError(f"{ckpt}: this run folder already holds a checkpoint; pass --resume to "
                                   "continue it, or choose a new --out")
         self.cfg = cfg
-        seed_everything(cfg.seed)
-        self.s = setup(cfg)
+        self.dist = init_from_env(resolve_device(cfg.device).type)
+        if self.dist.is_main:
+            check_writable(self.out)
+            for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
+                torn.unlink()
+        seed_everything(cfg.seed)  # identical initial weights on every process
+        self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None)
+        if self.dist.enabled:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # independent dropout and sampling per process
         self.start = 0
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
         if self.state is not None:
@@ -150,15 +163,26 @@ class Trainer:
             self.s.optimizer.load_state_dict(self.state["optimizer"])
             self.start = int(self.state["iteration"])
             self.best = dict(self.state.get("best", self.best))
-            _restore_rng(self.state["rng"])
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+            rng = self.state["rng"]
+            _restore_rng(rng[self.dist.rank] if isinstance(rng, list) and len(rng) == self.dist.world else
+                         rng[0] if isinstance(rng, list) else rng)
+        if self.dist.is_main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
 
     def _payload(self, iteration: int) -> dict[str, Any]:
+        rng = self.dist.gather(_rng_state())  # a collective: every process calls it
         return {"config": self.cfg.model_dump(mode="json"), "iteration": iteration,
                 "spec": asdict(self.s.method.spec),
                 "method": self.s.method.state_dict(), "optimizer": self.s.optimizer.state_dict(),
-                "rng": _rng_state(), "best": self.best, "semiseg_version": __version__}
+                "rng": rng if self.dist.enabled else rng[0], "best": self.best, "world_size": self.dist.world,
+                "semiseg_version": __version__}
+
+    def _save(self, name: str, iteration: int) -> None:
+        payload = self._payload(iteration)
+        if self.dist.is_main:
+            save_checkpoint(self.out / name, payload)
+        self.dist.barrier()
 
     def _batches(self) -> TwoStreamBatches:
         cfg, split = self.cfg, self.s.split
@@ -166,7 +190,7 @@ class Trainer:
         unlabeled = load_cases(self.s.layout, split.unlabeled, with_label=False) if cfg.batch_unlabeled else []
         transform = self.s.layout.train_transform(tuple(cfg.patch_size), cfg.rot_flip)
         return TwoStreamBatches(labeled, unlabeled, cfg.batch_labeled, cfg.batch_unlabeled, transform, cfg.seed,
-                                self.start, cfg.iterations)
+                                self.start, cfg.iterations, self.dist.rank, self.dist.world)
 
     def validate(self) -> float:
         """Mean foreground Dice on the validation cases (never the test cases)."""
@@ -182,20 +206,39 @@ class Trainer:
         method.train()
         return float(np.mean(scores))
 
+    def _model(self) -> torch.nn.Module:
+        """The method itself, or wrapped in DistributedDataParallel under torchrun."""
+        method = self.s.method
+        if not self.dist.enabled:
+            return method
+        if self.cfg.sync_bn:
+            if self.s.device.type != "cuda":
+                raise ConfigError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU); "
+                                  "drop --set sync_bn=true for CPU runs")
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        device_ids = [self.s.device.index] if self.s.device.type == "cuda" else None
+        # Unused parameters are normal here (e.g. a method's stage-specific heads), hence the graph search.
+        return torch.nn.parallel.DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
+
     def run(self) -> Path:
         cfg, method, optimizer, device = self.cfg, self.s.method, self.s.optimizer, self.s.device
         if self.start >= cfg.iterations:
             return self.out / CHECKPOINT
-        batches = self._batches()
-        loader = batch_loader(batches, cfg.num_workers, pin_memory=device.type == "cuda")
-        from torch.utils.tensorboard import SummaryWriter
+        model = self._model()
+        loader = batch_loader(self._batches(), cfg.num_workers, pin_memory=device.type == "cuda")
+        main = self.dist.is_main
+        writer = log_file = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
-        log_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+            writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
+            log_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
         method.train()
         t0 = time.perf_counter()
         t_window, done_in_window = t0, 0
         last_saved = self.start
+        first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite update, kept on device
+        skipped = torch.zeros((), dtype=torch.int64, device=device)
         try:
             for iteration, batch in enumerate(loader, start=self.start + 1):
                 ctx = StepContext(iteration, cfg.iterations, len(self.s.split.labeled))
@@ -204,48 +247,69 @@ class Trainer:
                     group["lr"] = lr
                 batch = batch.to(device)
                 with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
-                    step = method.train_step(batch, ctx)
+                    step = model(batch, ctx)
                 optimizer.zero_grad(set_to_none=True)
                 step.loss.backward()
-                optimizer.step()
-                method.after_step(ctx)
+                finite = torch.isfinite(step.loss.detach())
+                first_bad = torch.where(~finite & (first_bad == 0), iteration, first_bad)
+                if cfg.on_nonfinite == "skip":
+                    if self.dist.all_true(finite):  # a host sync per update, the price of skipping
+                        optimizer.step()
+                        method.after_step(ctx)
+                    else:
+                        skipped += 1
+                        first_bad.zero_()
+                else:
+                    optimizer.step()
+                    method.after_step(ctx)
                 done_in_window += 1
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
+                    if not self.dist.all_true(first_bad == 0):
+                        raise DivergenceError(
+                            f"loss became NaN/Inf at iteration {int(first_bad.max())} (seen at {iteration}); the last "
+                            f"good checkpoint is {self.out / CHECKPOINT} (iteration {last_saved}); lower the "
+                            "learning rate or check the data, then continue with --resume, or set "
+                            "on_nonfinite=skip to skip such updates")
                     now = time.perf_counter()
                     record = {"iteration": iteration, "lr": lr, "loss": float(step.loss.detach()),
                               **{k: float(v) for k, v in step.logs.items()},
-                              "s_per_it": (now - t_window) / done_in_window}
+                              "s_per_it": (now - t_window) / done_in_window, "skipped_updates": int(skipped)}
                     t_window, done_in_window = now, 0
-                    if not math.isfinite(record["loss"]):
-                        raise DivergenceError(
-                            f"loss is {record['loss']} at iteration {iteration}; the last good checkpoint is "
-                            f"{self.out / CHECKPOINT} (iteration {last_saved}); lower the learning rate or "
-                            "check the data, then resume with --resume")
-                    for key, value in record.items():
-                        if key != "iteration":
-                            writer.add_scalar(key, value, iteration)
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    self._report(record, time.perf_counter() - t0, iteration)
+                    if main:
+                        for key, value in record.items():
+                            if key != "iteration":
+                                writer.add_scalar(key, value, iteration)
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                        self._report(record, time.perf_counter() - t0, iteration)
                 if cfg.val > 0 and cfg.val_every > 0 and (iteration % cfg.val_every == 0
                                                           or iteration == cfg.iterations):
-                    score = self.validate()
-                    writer.add_scalar("val/dice", score, iteration)
-                    log_file.write(json.dumps({"iteration": iteration, "val_dice": score}) + "\n")
-                    if score > self.best["dice"]:
-                        self.best = {"dice": score, "iteration": iteration}
-                        save_checkpoint(self.out / BEST, self._payload(iteration))
+                    improved = False
+                    if main:  # evaluation once, on rank 0
+                        score = self.validate()
+                        writer.add_scalar("val/dice", score, iteration)
+                        log_file.write(json.dumps({"iteration": iteration, "val_dice": score}) + "\n")
+                        improved = score > self.best["dice"]
+                        if improved:
+                            self.best = {"dice": score, "iteration": iteration}
+                    if self.dist.gather(improved)[0]:
+                        self._save(BEST, iteration)
+                    self.dist.barrier()
                 if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
-                    save_checkpoint(self.out / CHECKPOINT, self._payload(iteration))
+                    self._save(CHECKPOINT, iteration)
                     last_saved = iteration
         finally:
-            writer.close()
-            log_file.close()
+            if main:
+                writer.close()
+                log_file.close()
         elapsed = time.perf_counter() - t0
-        summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed,
-                   "s_per_it": elapsed / max(cfg.iterations - self.start, 1),
-                   "peak_memory_mb": peak_memory_mb(device), "device": str(device), "best_val": self.best}
-        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        if main:
+            summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed,
+                       "s_per_it": elapsed / max(cfg.iterations - self.start, 1),
+                       "peak_memory_mb": peak_memory_mb(device), "device": str(device), "world_size": self.dist.world,
+                       "skipped_updates": int(skipped), "best_val": self.best}
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        shutdown(self.dist)
         return self.out / CHECKPOINT
 
     def _report(self, record: dict[str, float], elapsed: float, iteration: int) -> None:

@@ -32,6 +32,8 @@ class NetSpec:
     num_classes: int = 2
     spatial_dims: int = 3
     n_filters: int = 16
+    norm: str = "batchnorm"
+    dropout: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class Method(nn.Module, ABC):
         super().__init__()
         self.params = params
         self.spec = spec
+
+    def forward(self, batch: Batch, ctx: StepContext) -> StepOutput:
+        """`train_step` as the module's forward, so DistributedDataParallel can wrap a whole method."""
+        return self.train_step(batch, ctx)
 
     @abstractmethod
     def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:

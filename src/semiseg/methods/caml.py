@@ -144,18 +144,20 @@ class CAML(Method):
                  n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the bank with this batch, sample it, and return (OCC loss, number of rows it averages)."""
         n = batch.n_labeled
+        confidence_v, pred_v = prob_v.detach().max(1)
+        pred_a = prob_a.detach().argmax(1)
         with torch.autocast(out.emb_v.device.type, enabled=False):
-            self.update_memory(out.emb_v[:n].float(), out.emb_a[:n].float(), prob_v[:n], prob_a[:n],
+            self.update_memory(out.emb_v[:n].float(), out.emb_a[:n].float(), pred_v[:n], pred_a[:n],
                                batch.label_labeled, batch.index_labeled, n_slots)
             memory, memory_ok = self.sample_memory()
             if len(batch.image_unlabeled) == 0:
                 zero = prob_v.new_zeros(())
                 return zero, zero
-            return self.correlation_loss(out.emb_v[n:].float(), out.emb_a[n:].float(), prob_v[n:], prob_a[n:],
-                                         memory, memory_ok)
+            return self.correlation_loss(out.emb_v[n:].float(), out.emb_a[n:].float(), confidence_v[n:], pred_v[n:],
+                                         pred_a[n:], memory, memory_ok)
 
     @torch.no_grad()
-    def update_memory(self, emb_v: torch.Tensor, emb_a: torch.Tensor, prob_v: torch.Tensor, prob_a: torch.Tensor,
+    def update_memory(self, emb_v: torch.Tensor, emb_a: torch.Tensor, pred_v: torch.Tensor, pred_a: torch.Tensor,
                       label: torch.Tensor, index: torch.Tensor, n_slots: int) -> None:
         """Overwrite slot `index[i]` with sample i's projected features where both models are right.
 
@@ -165,6 +167,10 @@ class CAML(Method):
         n, channels = emb_v.shape[:2]
         voxels = label[0].numel()
         self._allocate_bank(n_slots, voxels, emb_v.device)
+        # A case drawn twice in one batch: the later sample wins, as in the official sequential loop.
+        positions = torch.arange(n, device=index.device)
+        winner = ((index[:, None] == index[None, :]) * positions).amax(1)
+        emb_v, emb_a, pred_v, pred_a, label = (t[winner] for t in (emb_v, emb_a, pred_v, pred_a, label))
         rows_v = emb_v.movedim(1, -1).reshape(-1, channels)
         if self.params.memory_feature_layout == "official_scrambled":
             rows_a = emb_a.reshape(-1, channels)
@@ -172,13 +178,9 @@ class CAML(Method):
             rows_a = emb_a.movedim(1, -1).reshape(-1, channels)
         features = (self.net.projection_v(rows_v, running_stats=True)
                     + self.net.projection_a(rows_a, running_stats=True)) / 2
-        correct = (prob_v.argmax(1) == label) & (prob_a.argmax(1) == label)
-        labels = torch.where(correct, label, -1).to(torch.int8).reshape(n, voxels)
-        # A case drawn twice in one batch: the later sample wins, as in the official sequential loop.
-        positions = torch.arange(n, device=index.device)
-        winner = ((index[:, None] == index[None, :]) * positions).amax(1)
-        self.memory_features[index] = features.reshape(n, voxels, -1)[winner]
-        self.memory_labels[index] = labels[winner]
+        correct = (pred_v == label) & (pred_a == label)
+        self.memory_features[index] = features.reshape(n, voxels, -1)
+        self.memory_labels[index] = torch.where(correct, label, -1).to(torch.int8).reshape(n, voxels)
 
     def _allocate_bank(self, n_slots: int, voxels: int, device: torch.device) -> None:
         if self.memory_labels.shape == (n_slots, voxels):
@@ -207,8 +209,8 @@ class CAML(Method):
             available.append((values.min() >= 0) & (k == self.params.memory_num))
         return torch.stack(picks), torch.stack(available)
 
-    def correlation_loss(self, emb_v: torch.Tensor, emb_a: torch.Tensor, prob_v: torch.Tensor,
-                         prob_a: torch.Tensor, memory: torch.Tensor,
+    def correlation_loss(self, emb_v: torch.Tensor, emb_a: torch.Tensor, confidence_v: torch.Tensor,
+                         pred_v: torch.Tensor, pred_a: torch.Tensor, memory: torch.Tensor,
                          memory_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """OCC on the unlabelled samples: CE of f_v's correlation matrix against f_a's (the target).
 
@@ -218,9 +220,8 @@ class CAML(Method):
         """
         p = self.params
         channels = emb_v.shape[1]
-        confidence, label = prob_v.max(1)
-        agree = (label == prob_a.argmax(1)).reshape(-1)
-        confidence, label = confidence.reshape(-1), label.reshape(-1)
+        agree = (pred_v == pred_a).reshape(-1)
+        confidence, label = confidence_v.reshape(-1), pred_v.reshape(-1)
         rows_v = emb_v.movedim(1, -1).reshape(-1, channels)
         rows_a = emb_a.movedim(1, -1).reshape(-1, channels)
         k = min(p.num_filtered, label.numel())
@@ -233,7 +234,7 @@ class CAML(Method):
             valid.append(ok & (ok.sum() > 1))
         idx, row_ok = torch.cat(selected), torch.cat(valid)
         if p.head_bn_rows == "all_agreed":
-            z_v, z_a = self.net.embed_v(rows_v, agree)[idx], self.net.embed_a(rows_a, agree)[idx]
+            z_v, z_a = self.net.embed_v(rows_v, agree, idx), self.net.embed_a(rows_a, agree, idx)
         else:
             z_v, z_a = self.net.embed_v(rows_v[idx], row_ok), self.net.embed_a(rows_a[idx], row_ok)
         bank = memory.reshape(-1, memory.shape[-1])
@@ -251,8 +252,9 @@ class CAML(Method):
         """softmax(z . bank^T / tau) over the available memory entries."""
         if self.params.occ_similarity == "cosine":
             z, bank = F.normalize(z, dim=1), F.normalize(bank, dim=1)
-        logits = (z @ bank.T / self.params.occ_temperature).masked_fill(~column_ok, torch.finfo(z.dtype).min)
-        return logits.softmax(1)
+        # Unavailable entries get a huge negative bias (not -inf: a row with none available stays finite).
+        bias = torch.where(column_ok, 0.0, torch.finfo(z.dtype).min / 2)
+        return torch.addmm(bias, z, bank.T / self.params.occ_temperature).softmax(1)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The bank is allocated lazily: take the saved shape before the copy (exact resume and evaluation).

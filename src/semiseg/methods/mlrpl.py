@@ -26,6 +26,7 @@ from . import register
 from .base import Method, MethodParams, NetSpec, StepContext, StepOutput
 
 Measure = Literal["entropy", "max_prob"]
+AverageMode = Literal["logits_gt_0.5", "mean_softmax"]
 
 _LA = {"patch_size": (112, 112, 80), "stride": (18, 18, 4), "rot_flip": True}
 _PANCREAS = {"patch_size": (96, 96, 96), "stride": (16, 16, 16), "rot_flip": False}
@@ -56,7 +57,7 @@ class MLRPLParams(MethodParams):
     """Q10: upsampling of the second decoder (MC-Net pairs transposed conv with trilinear)."""
     eval_output: Literal["decoder1", "average"] = "decoder1"
     """Evaluated output: decoder 1 (the papers' tables) or the average of both decoders."""
-    average_output_mode: Literal["logits_gt_0.5", "mean_softmax"] = "logits_gt_0.5"
+    average_output_mode: AverageMode = "logits_gt_0.5"
     """Q5: official averaging of the decoders' logits, foreground logit > 0.5; or mean softmax."""
 
 
@@ -117,7 +118,7 @@ class DecoderAverage(nn.Module):
     [0.5, mean foreground logit], averaged as they are (`window_scores`) so that argmax = (mean logit
     > 0.5); with `mean_softmax` it yields log(mean softmax), whose softmax is the mean softmax."""
 
-    def __init__(self, net: MultiDecoderVNet, mode: str) -> None:
+    def __init__(self, net: MultiDecoderVNet, mode: AverageMode) -> None:
         super().__init__()
         self.net = net
         self.mode = mode

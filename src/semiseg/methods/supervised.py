@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader import Batch
@@ -14,8 +15,9 @@ from .base import Method, MethodParams, NetSpec, StepContext, StepOutput
 
 
 class SupervisedParams(MethodParams):
-    loss: Literal["dice_ce", "dice"] = "dice_ce"
-    """dice_ce: 0.5 (CE + Dice), the UA-MT/SSL4MIS baseline; dice: MC-Net-lineage foreground Dice."""
+    loss: Literal["dice_ce", "dice", "ce"] = "dice_ce"
+    """dice_ce: 0.5 (CE + Dice), the UA-MT/SSL4MIS baseline; dice: MC-Net-lineage foreground Dice; ce: cross-entropy
+    alone (a per-voxel mean, hence independent of how a batch is split across processes)."""
 
 
 @register
@@ -33,6 +35,8 @@ class Supervised(Method):
         logits = self.net(batch.image_labeled)
         if self.params.loss == "dice":
             loss = binary_dice_loss(logits.softmax(1)[:, 1], batch.label_labeled)
+        elif self.params.loss == "ce":
+            loss = F.cross_entropy(logits, batch.label_labeled)
         else:
             loss = dice_ce_loss(logits, batch.label_labeled)
         return StepOutput(loss, {"loss/supervised": loss.detach()})

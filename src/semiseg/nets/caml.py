@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .vnet import VNet
@@ -57,32 +56,46 @@ class FeatureHead(nn.Module):
         self.bn = nn.BatchNorm1d(dim)
         self.fc2 = nn.Linear(dim, dim)
 
-    def forward(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None,
-                running_stats: bool = False) -> torch.Tensor:
-        h = self.fc1(rows).float()
+    def forward(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None, running_stats: bool = False,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep` (row indices) gathers the rows to output before the last layer, saving its cost on the rest."""
+        rows = rows.float()
         bn = self.bn
         if running_stats or not self.training:
-            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            # Eval-mode BatchNorm is affine: folded into fc1, one pass over the rows.
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            h = torch.addmm((self.fc1.bias - bn.running_mean) * scale + bn.bias, rows,
+                            (self.fc1.weight * scale[:, None]).T)
         elif row_mask is None:
-            h = bn(h)
+            h = bn(self.fc1(rows))
         else:
-            h = self._masked_batch_norm(h, row_mask)
-        return self.fc2(h.relu())
+            h = self._masked_linear_batch_norm(rows, row_mask)
+        h = h.relu()
+        return self.fc2(h if keep is None else h[keep])
 
-    def _masked_batch_norm(self, h: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
-        weight = row_mask.to(h.dtype).unsqueeze(1)
+    def _masked_linear_batch_norm(self, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+        """BatchNorm(fc1(x)) with the statistics of the masked rows, as one affine map of x.
+
+        fc1 is linear, so the mean and variance of its output follow from the masked mean and covariance
+        of x (in_dim x in_dim): the [rows, dim] activation is produced once, never normalised pass by pass.
+        """
+        fc, bn = self.fc1, self.bn
+        weight = row_mask.to(x.dtype)
         count = weight.sum()
         n = count.clamp_min(1)
-        mean = (h * weight).sum(0) / n
-        var = ((h - mean).square() * weight).sum(0) / n
+        mean_x = (weight @ x) / n
+        centered = x - mean_x
+        cov = (centered * weight[:, None]).T @ centered / n
+        mean = fc.weight @ mean_x + fc.bias
+        var = ((fc.weight @ cov) * fc.weight).sum(1).clamp_min(0)  # w^T cov w >= 0 up to rounding
+        scale = bn.weight * torch.rsqrt(var + bn.eps)
         with torch.no_grad():
             # nn.BatchNorm1d's update (unbiased running variance); skipped when fewer than 2 rows are selected.
-            step = bn.momentum * (count > 1).to(h.dtype)
-            bn.running_mean.lerp_(mean.detach(), step)
-            bn.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), step)
+            step = bn.momentum * (count > 1).to(x.dtype)
+            bn.running_mean.lerp_(mean, step)
+            bn.running_var.lerp_(var * n / (n - 1).clamp_min(1), step)
             bn.num_batches_tracked.add_(1)
-        return (h - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+        return torch.addmm((fc.bias - mean) * scale + bn.bias, x, (fc.weight * scale[:, None]).T)
 
 
 class CAMLOutput(NamedTuple):
@@ -111,9 +124,11 @@ class CAMLNet(nn.Module):
         seg_a, emb_a = self.f_a.forward_with_features(x)
         return CAMLOutput(seg_v, seg_a, emb_v, emb_a)
 
-    def embed_v(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """f_v's online embedding: prediction(projection(rows))."""
-        return self.prediction_v(self.projection_v(rows, row_mask), row_mask)
+    def embed_v(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """f_v's online embedding prediction(projection(rows)), for the rows `keep` (all when None)."""
+        return self.prediction_v(self.projection_v(rows, row_mask), row_mask, keep=keep)
 
-    def embed_a(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prediction_a(self.projection_a(rows, row_mask), row_mask)
+    def embed_a(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prediction_a(self.projection_a(rows, row_mask), row_mask, keep=keep)

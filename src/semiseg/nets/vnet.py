@@ -66,12 +66,15 @@ class VNetDecoder(nn.Module):
         self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
         self.out_conv = nn.Conv3d(f, n_classes, 1)
 
-    def forward(self, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, skips: Sequence[torch.Tensor], final_dropout: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """`final_dropout=False` skips the x9 dropout (CrossMatch's feature-perturbed paths, official `no_drop`)."""
         x1, x2, x3, x4, x5 = skips
         x = self.block_six(self.up_five(x5) + x4)
         x = self.block_seven(self.up_six(x) + x3)
         x = self.block_eight(self.up_seven(x) + x2)
-        x9 = self.dropout(self.block_nine(self.up_eight(x) + x1))
+        x9 = self.block_nine(self.up_eight(x) + x1)
+        if final_dropout:
+            x9 = self.dropout(x9)
         return self.out_conv(x9), x9
 
 

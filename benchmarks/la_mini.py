@@ -1,0 +1,148 @@
+"""LA-mini: the LA protocol scaled down to run on a 2-core CPU in minutes per method.
+
+The real LA cases are downsampled by 2 (image: Gaussian anti-aliasing with sigma 0.5 then every second voxel;
+label: every second voxel, i.e. nearest), cached once. Same 80/20 split, 8 labelled + 72 unlabelled, patch
+64x64x32 (the halved 56x56x40 is not a multiple of 16, which the VNet needs), stride halved to 9/9/2, reduced
+filter count, a fixed iteration budget with every iteration-based schedule of a method (parameters whose name ends
+in `iterations`, e.g. ramp-up epoch lengths and pre-training stages) scaled by budget / recipe iterations, the last
+checkpoint, and the four metrics on the 20 test cases. Labelled-only with all 80 labels is the upper bound.
+
+    python benchmarks/la_mini.py --methods supervised caml mlrpl crossmatch --iterations 600
+
+Writes benchmarks/results/la_mini.csv (one row per run, appended) and the `la-mini` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, markdown_table, stamp, update_section  # noqa: E402
+
+CASES_DIR = "2018LA_Seg_Training Set"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def prepare(la_root: Path, out: Path) -> Path:
+    """Downsample every LA case by 2 into `out` (LA layout); skipped when already complete."""
+    from semiseg.data.h5 import read_case, write_case
+
+    if (out / "test.list").is_file():
+        return out
+    ids = [*(la_root / "train.list").read_text().split(), *(la_root / "test.list").read_text().split()]
+    for case_id in ids:
+        target = out / CASES_DIR / case_id / "mri_norm2.h5"
+        if target.is_file():
+            continue
+        case = read_case(la_root / CASES_DIR / case_id / "mri_norm2.h5", case_id, 2)
+        image = ndimage.gaussian_filter(case.image[0], sigma=0.5)[::2, ::2, ::2]
+        write_case(target, np.ascontiguousarray(image), np.ascontiguousarray(case.label[::2, ::2, ::2]))
+    for name in ("train.list", "test.list"):
+        (out / name).write_text((la_root / name).read_text())
+    return out
+
+
+def scaled_overrides(method: str, iterations: int) -> list[str]:
+    """Scale each integer method parameter named `*iterations` by budget / recipe iterations."""
+    from semiseg.config import build_config
+    from semiseg.methods import get_method
+
+    cls = get_method(method)
+    preset = "la-8" if "la-8" in cls.presets else None
+    cfg = build_config(method, None, {}, preset)
+    params = cfg.method_params()
+    factor = iterations / cfg.iterations
+    sets = []
+    for name, value in params.model_dump().items():
+        if name.endswith("iterations") and isinstance(value, int) and not isinstance(value, bool):
+            sets.append(f"{name}={max(1, round(value * factor))}")
+    return sets
+
+
+def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n_filters: int) -> dict:
+    from semiseg.methods import get_method
+
+    preset = ["--preset", "la-8"] if "la-8" in get_method(method).presets else []
+    common = ["patch_size=64,64,32", "stride=9,9,2", f"n_filters={n_filters}", f"checkpoint_every={iterations}",
+              "log_every=50", "num_workers=1", "device=cpu"]
+    sets = [*common, *scaled_overrides(method, iterations)]
+    cmd = [sys.executable, "-m", "semiseg.cli", "train", "--method", method, "--data", str(data), "--labeled",
+           str(labeled), "--iterations", str(iterations), "--out", str(out), "--quiet", *preset,
+           *[a for s in sets for a in ("--set", s)]]
+    if (out / "checkpoint.pt").exists():
+        cmd = [sys.executable, "-m", "semiseg.cli", "train", "--out", str(out), "--resume", "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    subprocess.run([sys.executable, "-m", "semiseg.cli", "evaluate", str(out), "--out", str(out / "eval-test"),
+                    "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "eval-test" / "summary.json").read_text())
+    train = json.loads((out / "train_summary.json").read_text())
+    m = summary["metrics"]
+    return {"method": method, "labeled": labeled, "iterations": iterations, "n_filters": n_filters,
+            "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
+            "asd": m["asd"]["mean"], "train_wall_s": train["wall_s"], "wall_s": wall,
+            "s_per_it": train["s_per_it"], "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["supervised", "caml", "mlrpl", "crossmatch"])
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--labeled", type=int, default=8)
+    parser.add_argument("--n-filters", type=int, default=8)
+    parser.add_argument("--no-upper-bound", action="store_true", help="skip labelled-only with all 80 labels")
+    parser.add_argument("--la-root", default=os.environ.get("SEMISEG_LA_ROOT", str(REPO.parent / "shared/data/LA")))
+    parser.add_argument("--work", default=str(REPO / "runs" / "la-mini"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    data = prepare(Path(args.la_root), work / "data")
+    jobs = [(m, args.labeled) for m in args.methods]
+    if not args.no_upper_bound:
+        jobs.append(("supervised", 80))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path = RESULTS / "la_mini.csv"
+    for method, labeled in jobs:
+        row = run_one(method, labeled, args.iterations, data, work / f"{method}-{labeled}-{args.iterations}",
+                      args.n_filters)
+        row["stamp"] = stamp()
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(json.dumps(row), flush=True)
+    render()
+
+
+def render() -> None:
+    """Markdown table of the latest row per (method, labelled, iterations) in la_mini.csv."""
+    rows = {}
+    with open(RESULTS / "la_mini.csv") as f:
+        for row in csv.DictReader(f):
+            rows[(row["method"], row["labeled"], row["iterations"])] = row
+    table = markdown_table(
+        ["method", "labelled", "iterations", "filters", "Dice %", "Jaccard %", "HD95 vox", "ASD vox", "wall min",
+         "s/it", "peak MB", "run stamp"],
+        [[r["method"], r["labeled"], r["iterations"], r["n_filters"], f"{100 * float(r['dice']):.2f}",
+          f"{100 * float(r['jaccard']):.2f}", f"{float(r['hd95']):.2f}", f"{float(r['asd']):.2f}",
+          f"{float(r['wall_s']) / 60:.1f}", f"{float(r['s_per_it']):.2f}", f"{float(r['peak_mb']):.0f}", r["stamp"]]
+         for r in rows.values()])
+    update_section("la-mini", "Command: `python benchmarks/la_mini.py --methods METHOD ... --iterations N` "
+                   "(rows are the latest run of each setting; every row's machine, commit and date is in its stamp)."
+                   f"\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

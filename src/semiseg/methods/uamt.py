@@ -1,0 +1,82 @@
+"""UA-MT (Yu et al., MICCAI 2019) as SSL4MIS trains it: docs/methods/uamt.md.
+
+Mean Teacher whose consistency is restricted to voxels where the teacher is certain: T noisy, dropout-on
+teacher passes give a mean softmax whose predictive entropy must stay below a threshold ramped from
+0.75 H_max to H_max over the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import model_validator
+
+from ..engine.schedules import sigmoid_rampup
+from . import register
+from .base import NetSpec, StepContext
+from .mean_teacher import LA_TEACHER_RECIPE, MeanTeacher, MeanTeacherParams
+
+
+class UAMTParams(MeanTeacherParams):
+    mc_samples: int = 8
+    """T: stochastic teacher passes for the uncertainty map."""
+    mc_batch_repeat: int = 2
+    """Copies of the unlabelled batch per teacher pass (SSL4MIS: 2, i.e. T/2 passes of 2U volumes)."""
+    threshold_rampup: int | None = None
+    """Length in iterations of the threshold ramp; None = the whole run (SSL4MIS `max_iterations`)."""
+    two_class_constants: bool = True
+    """SSL4MIS hard-codes H_max = ln 2 and divides the masked sum by 2 for any class count; False uses ln C and C."""
+
+    @model_validator(mode="after")
+    def _passes_divide(self) -> UAMTParams:
+        if self.mc_samples < 1 or self.mc_batch_repeat < 1 or self.mc_samples % self.mc_batch_repeat:
+            raise ValueError(f"mc_samples ({self.mc_samples}) must be a positive multiple of mc_batch_repeat "
+                             f"({self.mc_batch_repeat})")
+        return self
+
+
+@register
+class UAMT(MeanTeacher):
+    name = "uamt"
+    description = "UA-MT: Mean Teacher with a Monte-Carlo-entropy mask on the consistency (SSL4MIS)"
+    Params = UAMTParams
+    recipe = LA_TEACHER_RECIPE
+    presets = {"la-8": {"labeled": 8}, "la-16": {"labeled": 16}}
+
+    def __init__(self, params: UAMTParams, spec: NetSpec) -> None:
+        super().__init__(params, spec)
+        self.params: UAMTParams = params
+
+    @torch.no_grad()
+    def uncertainty(self, unlabeled: torch.Tensor) -> torch.Tensor:
+        """Predictive entropy [U, 1, *S] of the mean softmax over T noisy teacher passes (train mode: dropout on)."""
+        p = self.params
+        repeated = unlabeled.repeat(p.mc_batch_repeat, *([1] * (unlabeled.ndim - 1)))
+        total = None
+        for _ in range(p.mc_samples // p.mc_batch_repeat):
+            probs = self.teacher(self.add_noise(repeated)).softmax(1)
+            summed = probs.unflatten(0, (p.mc_batch_repeat, len(unlabeled))).sum(0)
+            total = summed if total is None else total + summed
+        mean = total / p.mc_samples
+        return -(mean * torch.log(mean + 1e-6)).sum(1, keepdim=True)
+
+    def threshold(self, ctx: StepContext, num_classes: int) -> float:
+        p = self.params
+        length = p.threshold_rampup if p.threshold_rampup is not None else ctx.total_iterations
+        h_max = math.log(2) if p.two_class_constants else math.log(num_classes)
+        return (0.75 + 0.25 * sigmoid_rampup(self.ramp_iteration(ctx), length, 1)) * h_max
+
+    def consistency_loss(self, student_logits: torch.Tensor, unlabeled: torch.Tensor,
+                         ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """sum(mask * (p_s - p_t)^2) / (C' sum(mask) + 1e-16), mask = entropy < threshold, C' = 2 (official)."""
+        with torch.no_grad():
+            target = self.teacher(self.add_noise(unlabeled)).softmax(1)
+            entropy = self.uncertainty(unlabeled)
+        num_classes = student_logits.shape[1]
+        threshold = self.threshold(ctx, num_classes)
+        mask = (entropy < threshold).to(target.dtype)
+        divisor = 2 if self.params.two_class_constants else num_classes
+        distance = (student_logits.softmax(1) - target) ** 2
+        loss = (mask * distance).sum() / (divisor * mask.sum() + 1e-16)
+        return loss, {"uncertainty/threshold": torch.tensor(threshold), "uncertainty/certain_fraction": mask.mean()}

@@ -1,0 +1,239 @@
+"""A run as something to look at: training curves, per-case overlays and one static HTML page.
+
+Reads what training and evaluation wrote (`metrics.jsonl`, `config.yaml`, `eval-SPLIT/summary.json`
+and the label maps of `semiseg evaluate --save-predictions`) and writes `RUN/report/`: `curves.png`,
+`cases/<id>.png` (representative slices with the ground truth outlined and the prediction filled)
+and `index.html`, which references the images relatively so the folder can be copied anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import yaml
+
+from .errors import DataError
+
+METRIC_COLUMNS = (("dice", "Dice (%)", 100.0), ("jaccard", "Jaccard (%)", 100.0), ("hd95", "95HD (vox)", 1.0),
+                  ("asd", "ASD (vox)", 1.0))
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+
+
+@dataclass
+class Report:
+    """What was written, and what could not be (with the command that would add it)."""
+
+    index: Path
+    images: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The training log, one JSON record per line (loss records and validation records)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, float]], path: Path) -> Path:
+    """Losses (log scale), learning rate and validation Dice against the iteration."""
+    from matplotlib.figure import Figure
+
+    loss_keys = sorted({k for r in records for k in r if k.startswith("loss")})
+    panels = [("loss", loss_keys), ("learning rate", ["lr"])]
+    if any("val_dice" in r for r in records):
+        panels.append(("validation Dice", ["val_dice"]))
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), dpi=100, layout="constrained")
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        for key in keys:
+            points = [(r["iteration"], r[key]) for r in records if key in r]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=key, marker="o" if len(points) < 30 else None, markersize=3)
+        if title == "loss" and all(r[k] > 0 for r in records for k in keys if k in r):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def representative_slices(label: np.ndarray, pred: np.ndarray, count: int = 3) -> tuple[int, list[int]]:
+    """(axis, indices): across the thinnest axis, slices at 20 / 50 / 80 % of the foreground's extent."""
+    axis = int(np.argmin(label.shape[::-1]))
+    axis = label.ndim - 1 - axis  # ties go to the last axis (the axial one for LA and RAS volumes)
+    others = tuple(a for a in range(label.ndim) if a != axis)
+    present = np.flatnonzero(np.any((label > 0) | (pred > 0), axis=others))
+    if present.size == 0:
+        present = np.arange(label.shape[axis])
+    picks = [int(present[round(q * (present.size - 1))]) for q in np.linspace(0.2, 0.8, count)]
+    return axis, sorted(set(picks))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else float("nan")
+
+
+def plot_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray, class_names: tuple[str, ...],
+                 title: str, path: Path) -> Path:
+    """Representative slices: image in grey, prediction filled, ground truth outlined, per class."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    axis, picks = representative_slices(label, pred)
+    low, high = np.percentile(image, [1, 99])
+    fig = Figure(figsize=(3.3 * len(picks), 3.8), dpi=100, layout="constrained")
+    classes = range(1, max(len(class_names), int(max(label.max(), pred.max())) + 1))
+    for ax, index in zip(fig.subplots(1, len(picks), squeeze=False)[0], picks, strict=True):
+        img, gt, pr = (np.take(a, index, axis=axis).T for a in (image, label, pred))
+        ax.imshow(img, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
+        fill = np.zeros((*pr.shape, 4))
+        for c in classes:
+            fill[pr == c] = to_rgba(PALETTE[(c - 1) % len(PALETTE)], 0.4)
+            if (gt == c).any():
+                ax.contour(gt == c, levels=[0.5], colors=[PALETTE[(c - 1) % len(PALETTE)]], linewidths=1.3,
+                           origin="lower")
+        ax.imshow(fill, origin="lower", interpolation="nearest")
+        ax.set_title(f"slice {index} (axis {axis}), Dice {_dice(gt > 0, pr > 0):.2f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], color="white", lw=0, label="ground truth: outline, prediction: fill")]
+    handles += [Patch(color=PALETTE[(c - 1) % len(PALETTE)],
+                      label=class_names[c] if c < len(class_names) else f"class {c}") for c in classes]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _cell(value: Any, scale: float) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return f"{float(value) * scale:.2f}"
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img src="{html.escape(quote(src))}" alt="{html.escape(alt)}">'
+
+
+def _column_title(key: str, class_names: tuple[str, ...]) -> str:
+    """`dice_class2` -> `Dice myocardium (%)`: per-class columns of multi-class evaluations."""
+    metric, _, c = key.partition("_class")
+    title = next((h for k, h, _ in METRIC_COLUMNS if k == metric), None)
+    if title is None or not c.isdigit():
+        return key
+    name = class_names[int(c)] if int(c) < len(class_names) else f"class {c}"
+    return title.replace(" (", f" {name} (")
+
+
+def render_html(title: str, facts: dict[str, Any], summary: dict[str, Any] | None, curves: str | None,
+                overlays: dict[str, str], notes: list[str], class_names: tuple[str, ...] = ()) -> str:
+    """One self-contained static page (no script); images are referenced relatively."""
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>", """<style>
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.scroll{overflow-x:auto}figure{margin:1.5em 0}
+figcaption{color:#555}.notes{background:#fff8e1;padding:.5em 1em;border-left:4px solid #fb0}
+</style></head><body>""", f"<h1>{e(title)}</h1>"]
+    if notes:
+        parts.append("<div class='notes'><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul></div>")
+    parts.append("<table class='facts'><tbody>" + "".join(
+        f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in facts.items()) + "</tbody></table>")
+    if curves:
+        parts.append(f"<h2>Training curves</h2><figure>{_img(curves, 'training curves')}</figure>")
+    if summary is not None:
+        stats = summary["metrics"]
+        parts.append("<h2>Test metrics</h2><table class='summary'><thead><tr>" + "".join(
+            f"<th>{e(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "</tr></thead><tbody><tr>" + "".join(
+            f"<td>{_cell(stats[k]['mean'], s)} ± {_cell(stats[k]['std'], s)}</td>" for k, _, s in METRIC_COLUMNS)
+            + "</tr></tbody></table>")
+        extra = [k for k in summary["cases"][0] if k not in {"case", *(c for c, _, _ in METRIC_COLUMNS)}]
+        head = "".join(f"<th>{e(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "".join(
+            f"<th>{e(_column_title(k, class_names))}</th>" for k in extra)
+        rows = []
+        for row in summary["cases"]:
+            case = str(row["case"])
+            name = f"<a href='#case-{e(case)}'>{e(case)}</a>" if case in overlays else e(case)
+            rows.append(f"<tr><td>{name}</td>" + "".join(f"<td>{_cell(row[k], s)}</td>" for k, _, s in METRIC_COLUMNS)
+                        + "".join(f"<td>{_cell(row[k], 100.0 if k.startswith(('dice', 'jaccard')) else 1.0)}</td>"
+                                  for k in extra) + "</tr>")
+        parts.append(f"<h2>Per case</h2><div class='scroll'><table class='cases'><thead><tr><th>Case</th>{head}"
+                     f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+    if overlays:
+        parts.append("<h2>Overlays</h2>")
+        parts += [f"<figure id='case-{e(case)}'>{_img(src, f'overlay of case {case}')}<figcaption>{e(case)}"
+                  "</figcaption></figure>" for case, src in overlays.items()]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run: Path, out: Path | None = None, data: str | None = None, split: str = "test") -> Report:
+    """Build `RUN/report/` (or `out`) from what the run folder holds; missing parts become notes."""
+    from .data import open_dataset
+    from .engine.evaluate import read_prediction
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise DataError(f"{run}: not a run folder (no config.yaml); give the --out folder of `semiseg train`")
+    out = Path(out) if out is not None else run / "report"
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    report = Report(out / "index.html")
+    records = read_metrics(run / "metrics.jsonl")
+    curves = None
+    if records:
+        report.images.append(plot_curves(records, out / "curves.png"))
+        curves = "curves.png"
+    else:
+        report.notes.append(f"no training log ({run / 'metrics.jsonl'}); curves need a run that logged")
+    eval_dir = run / f"eval-{split}"
+    summary = json.loads((eval_dir / "summary.json").read_text()) if (eval_dir / "summary.json").is_file() else None
+    overlays: dict[str, str] = {}
+    protocol = (summary or {}).get("protocol", {})
+    class_names = tuple(protocol.get("dataset", {}).get("class_names", ()))
+    if summary is None:
+        report.notes.append(f"no evaluation yet: run `semiseg evaluate {run} --split {split} --save-predictions` "
+                            "for the metrics table and the overlays")
+    elif not (eval_dir / "predictions").is_dir():
+        report.notes.append(f"no saved predictions in {eval_dir}: run `semiseg evaluate {run} --split {split} "
+                            "--save-predictions` for the overlays")
+    else:
+        layout = open_dataset(data or cfg.get("data", "synthetic"), cfg.get("layout", "auto"))
+        class_names = tuple(layout.class_names)
+        for row in summary["cases"]:
+            case_id = str(row["case"])
+            case = layout.read_eval(case_id)
+            pred = read_prediction(eval_dir / "predictions", case_id)
+            title = f"{case_id}: Dice {row['dice'] * 100:.2f} %"
+            report.images.append(plot_overlay(case.image[0], case.label, pred, class_names, title,
+                                              out / "cases" / f"{case_id}.png"))
+            overlays[case_id] = f"cases/{case_id}.png"
+    checkpoint = protocol.get("checkpoint", {})
+    inference = protocol.get("inference", {})
+    facts = {"method": cfg.get("method"), "preset": cfg.get("preset") or "–", "data": data or cfg.get("data"),
+             "labelled cases": cfg.get("labeled"), "iterations": cfg.get("iterations"), "seed": cfg.get("seed")}
+    if checkpoint:
+        facts["evaluated checkpoint"] = f"iteration {checkpoint.get('iteration')} ({checkpoint.get('rule')})"
+        facts["sliding window"] = f"patch {inference.get('patch_size')}, stride {inference.get('stride')}"
+        facts["largest component"] = inference.get("post_lcc")
+        facts["empty policy"] = protocol.get("metrics", {}).get("empty_policy")
+        facts["code version"] = protocol.get("code_version")
+    title = f"semiseg report: {run.resolve().name}"
+    out.mkdir(parents=True, exist_ok=True)
+    report.index.write_text(render_html(title, facts, summary, curves, overlays, report.notes, class_names))
+    return report

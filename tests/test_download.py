@@ -1,0 +1,194 @@
+"""LA download against a real HTTP server on 127.0.0.1: checksums, corrupted files, interrupted transfers."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+from semiseg.data.download import DownloadError, download_la, la_resource, read_sums, sha256_file
+from semiseg.data.h5 import read_case, write_case
+from semiseg.data.layouts import open_layout
+from semiseg.data.layouts.la import CASES_DIR
+from semiseg.errors import DataError
+
+IDS = [line.strip() for line in la_resource("train.list").read_text().splitlines()[:3]]
+PREFIX = "/data/2018LA_Seg_Training Set/"
+
+
+class FileServer:
+    """Serves `files` under PREFIX with Range support; can cut a body short once or serve wrong bytes."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.cut_once: set[str] = set()
+        self.corrupt: set[str] = set()
+        self.ranges = True
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                name = unquote(self.path).removeprefix(PREFIX)
+                server.requests.append((name, self.headers.get("Range")))
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                body = server.files[name]
+                if name in server.corrupt:
+                    body = body[:-8] + b"CORRUPT!"
+                start = 0
+                if server.ranges and self.headers.get("Range"):
+                    start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                rest = body[start:]
+                self.send_header("Content-Length", str(len(rest)))
+                self.end_headers()
+                if name in server.cut_once:
+                    server.cut_once.discard(name)
+                    self.wfile.write(rest[: len(rest) // 2])  # then the connection closes mid-body
+                    return
+                self.wfile.write(rest)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{PREFIX.replace(' ', '%20')}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def gets(self, name: str) -> list[str | None]:
+        return [r for n, r in self.requests if n == name]
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    """Three tiny real h5 cases named like LA files, their SHA256SUMS, and a running server."""
+    files = {}
+    for i, case_id in enumerate(IDS):
+        path = tmp_path / "src" / case_id / "mri_norm2.h5"
+        rng = np.random.default_rng(i)
+        write_case(path, rng.standard_normal((20, 18, 12)).astype(np.float32), (rng.random((20, 18, 12)) > 0.5))
+        files[f"{case_id}/mri_norm2.h5"] = path.read_bytes()
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()))
+    server = FileServer(files)
+    server.thread.start()
+    yield server, sums, tmp_path / "LA"
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+def _parts(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.part"))
+
+
+def test_download_verifies_writes_la_layout_and_skips_good_files(served) -> None:
+    server, sums, out = served
+    assert download_la(out, server.url, workers=2, sums=sums) == (3, 0)
+    for name, body in server.files.items():
+        assert (out / CASES_DIR / name).read_bytes() == body
+    assert _parts(out) == []
+    assert (out / "train.list").read_text() == la_resource("train.list").read_text()
+    layout = open_layout(out)
+    assert layout.name == "la" and layout.train_ids[:3] == IDS
+    case = read_case(layout.case_path(IDS[0]), IDS[0], 2)
+    assert case.image.shape == (1, 20, 18, 12)
+    n_requests = len(server.requests)
+    assert download_la(out, server.url, workers=2, sums=sums) == (0, 3)
+    assert len(server.requests) == n_requests  # verified by checksum, not fetched again
+
+
+def test_corrupted_file_is_rejected_and_not_left_in_place(served) -> None:
+    server, sums, out = served
+    bad = f"{IDS[1]}/mri_norm2.h5"
+    server.corrupt.add(bad)
+    with pytest.raises(DownloadError, match=rf"{IDS[1]}/mri_norm2.h5.*SHA-256"):
+        download_la(out, server.url, workers=1, sums=sums)
+    assert not (out / CASES_DIR / bad).exists()
+    assert _parts(out) == []
+    assert len(server.gets(bad)) == 1  # a fresh complete copy that is wrong is not fetched again
+    good = out / CASES_DIR / f"{IDS[0]}/mri_norm2.h5"
+    assert sha256_file(good) == hashlib.sha256(server.files[f"{IDS[0]}/mri_norm2.h5"]).hexdigest()
+
+
+def test_wrong_existing_file_is_replaced(served) -> None:
+    server, sums, out = served
+    name = f"{IDS[2]}/mri_norm2.h5"
+    target = out / CASES_DIR / name
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"stale or truncated copy")
+    assert download_la(out, server.url, workers=1, sums=sums) == (3, 0)
+    assert target.read_bytes() == server.files[name]
+
+
+def test_interrupted_transfer_resumes_with_range(served) -> None:
+    server, sums, out = served
+    name = f"{IDS[0]}/mri_norm2.h5"
+    server.cut_once.add(name)
+    assert download_la(out, server.url, workers=1, sums=sums, attempts=3) == (3, 0)
+    half = len(server.files[name]) // 2
+    assert server.gets(name) == [None, f"bytes={half}-"]
+    assert (out / CASES_DIR / name).read_bytes() == server.files[name]
+    assert _parts(out) == []
+
+
+def test_interrupted_run_leaves_only_a_part_then_a_second_run_resumes(served) -> None:
+    server, sums, out = served
+    name = f"{IDS[0]}/mri_norm2.h5"
+    server.cut_once.add(name)
+    with pytest.raises(DownloadError, match="interrupted after"):
+        download_la(out, server.url, workers=1, sums=sums, attempts=1)
+    target = out / CASES_DIR / name
+    assert not target.exists()
+    part = target.with_name(target.name + ".part")
+    half = len(server.files[name]) // 2
+    assert part.stat().st_size == half
+    assert download_la(out, server.url, workers=1, sums=sums, attempts=1) == (1, 2)
+    assert server.gets(name) == [None, f"bytes={half}-"]
+    assert target.read_bytes() == server.files[name] and not part.exists()
+
+
+def test_server_ignoring_range_restarts_the_part(served) -> None:
+    server, sums, out = served
+    name = f"{IDS[1]}/mri_norm2.h5"
+    server.cut_once.add(name)
+    server.ranges = False
+    assert download_la(out, server.url, workers=1, sums=sums) == (3, 0)
+    assert (out / CASES_DIR / name).read_bytes() == server.files[name]
+
+
+def test_missing_file_names_the_url(served) -> None:
+    server, sums, out = served
+    sums.write_text(sums.read_text() + f"{'0' * 64}  NOSUCHCASE/mri_norm2.h5\n")
+    with pytest.raises(DownloadError, match=r"1 of 4 files failed(.|\n)*NOSUCHCASE.*Not Found"):
+        download_la(out, server.url, workers=2, sums=sums)
+    assert server.gets("NOSUCHCASE/mri_norm2.h5") == [None]
+
+
+def test_read_sums_rejects_malformed_lines(tmp_path: Path) -> None:
+    path = tmp_path / "SHA256SUMS"
+    path.write_text("abc  x/mri_norm2.h5\n")
+    with pytest.raises(DataError, match=r"SHA256SUMS:1: expected"):
+        read_sums(path)
+
+
+def test_shipped_checksums_match_the_reference_data(la_root: Path) -> None:
+    assert la_resource("SHA256SUMS").read_text() == (la_root / "SHA256SUMS").read_text()
+    for name in ("train.list", "test.list"):
+        assert la_resource(name).read_text() == (la_root / name).read_text()
+    entries = read_sums(la_resource("SHA256SUMS"))
+    assert len(entries) == 100
+    for digest, name in entries[:2]:
+        assert sha256_file(la_root / CASES_DIR / name) == digest
