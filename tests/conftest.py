@@ -43,3 +43,11 @@ def tiny_synthetic() -> str:
     spec = "synthetic:n_train=8,n_test=2,shape=40x40x32"
     open_dataset(spec)
     return spec
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook signature
+    from fuzzing import TRIED
+
+    if TRIED:
+        detail = ", ".join(f"{kind} {n}" for kind, n in sorted(TRIED.items()))
+        terminalreporter.write_line(f"fuzzed inputs tried: {sum(TRIED.values())} ({detail})")

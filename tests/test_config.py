@@ -35,6 +35,7 @@ def test_yaml_file_then_cli_overrides(tmp_path: Path) -> None:
     ({"loss": "focal"}, "parameter 'loss'"),
     ({"patchsize": "1,2,3"}, "did you mean 'patch_size'"),
     ({"patch_size": "100,100,80"}, "multiple of 16"),
+    ({"patch_size": "32,32,16", "stride": "8,8,32"}, "between 1 and the patch size"),
 ])
 def test_bad_keys_and_values_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

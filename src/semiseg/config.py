@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .methods import get_method
@@ -83,6 +83,14 @@ class TrainConfig(BaseModel):
         if value <= 0:
             raise ValueError("must be positive")
         return value
+
+    @model_validator(mode="after")
+    def _stride_fits_patch(self) -> TrainConfig:
+        if len(self.stride) != len(self.patch_size) or any(
+                t < 1 or t > p for t, p in zip(self.stride, self.patch_size)):
+            raise ValueError(f"stride {self.stride} must have one value per patch axis {self.patch_size}, each between "
+                             "1 and the patch size (a larger stride leaves voxels no window covers)")
+        return self
 
     def method_class(self) -> type[Method]:
         return get_method(self.method)

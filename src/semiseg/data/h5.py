@@ -40,9 +40,11 @@ def read_case(path: Path, case_id: str, num_classes: int, with_label: bool = Tru
                 if label_key not in f:
                     raise DataError(f"{path}: no {label_key!r} dataset (found {keys}); labelled cases need one")
                 label = np.asarray(f[label_key][()])
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc}); the file is truncated or corrupt, "
-                        "download or regenerate it") from None
+    except DataError:
+        raise
+    except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError, ValueError...
+        raise DataError(f"{path}: not a readable HDF5 file ({type(exc).__name__}: {exc}); the file is truncated or "
+                        "corrupt, download or regenerate it") from None
     return validate_case(Case(case_id, image, label, path), num_classes, spatial_dims)
 
 

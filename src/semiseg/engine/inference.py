@@ -54,6 +54,9 @@ def sliding_window_probs(net: nn.Module, image: torch.Tensor, patch: Sequence[in
     spatial = image.shape[1:]
     if len(patch) != len(spatial) or len(stride) != len(spatial):
         raise ValueError(f"patch {tuple(patch)} / stride {tuple(stride)} do not match image dims {tuple(spatial)}")
+    if any(t > p or t < 1 for t, p in zip(stride, patch)):
+        raise ValueError(f"stride {tuple(stride)} must be between 1 and the patch {tuple(patch)} on every axis; "
+                         "a larger stride leaves voxels that no window covers")
     totals = [max(p - s, 0) for s, p in zip(spatial, patch, strict=True)]
     pad = [(t // 2, t - t // 2) for t in totals]
     flat_pad = [v for left_right in reversed(pad) for v in left_right]

@@ -263,13 +263,16 @@ class Trainer:
                     optimizer.step()
                     method.after_step(ctx)
                 done_in_window += 1
-                if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                    if not self.dist.all_true(first_bad == 0):
-                        raise DivergenceError(
-                            f"loss became NaN/Inf at iteration {int(first_bad.max())} (seen at {iteration}); the last "
-                            f"good checkpoint is {self.out / CHECKPOINT} (iteration {last_saved}); lower the "
-                            "learning rate or check the data, then continue with --resume, or set "
-                            "on_nonfinite=skip to skip such updates")
+                logging = iteration % cfg.log_every == 0 or iteration == cfg.iterations
+                saving = iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations
+                # Never write a checkpoint from diverged weights.
+                if (logging or saving) and not self.dist.all_true(first_bad == 0):
+                    raise DivergenceError(
+                        f"loss became NaN/Inf at iteration {int(first_bad.max())} (seen at {iteration}); the last "
+                        f"good checkpoint is {self.out / CHECKPOINT} (iteration {last_saved}); lower the "
+                        "learning rate or check the data, then continue with --resume, or set "
+                        "on_nonfinite=skip to skip such updates")
+                if logging:
                     now = time.perf_counter()
                     record = {"iteration": iteration, "lr": lr, "loss": float(step.loss.detach()),
                               **{k: float(v) for k, v in step.logs.items()},
@@ -295,7 +298,7 @@ class Trainer:
                     if self.dist.gather(improved)[0]:
                         self._save(BEST, iteration)
                     self.dist.barrier()
-                if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+                if saving:
                     self._save(CHECKPOINT, iteration)
                     last_saved = iteration
         finally:
