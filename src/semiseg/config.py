@@ -86,10 +86,12 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _stride_fits_patch(self) -> TrainConfig:
-        if len(self.stride) != len(self.patch_size) or any(
-                t < 1 or t > p for t, p in zip(self.stride, self.patch_size)):
-            raise ValueError(f"stride {self.stride} must have one value per patch axis {self.patch_size}, each between "
-                             "1 and the patch size (a larger stride leaves voxels no window covers)")
+        # A 2D patch with the 3D default stride is fine for slice-wise datasets; sliding-window inference checks
+        # the axis count itself.
+        if len(self.stride) == len(self.patch_size) and any(t < 1 or t > p for t, p in zip(self.stride,
+                                                                                           self.patch_size)):
+            raise ValueError(f"stride {self.stride} must lie between 1 and the patch size {self.patch_size} on every "
+                             "axis (a larger stride leaves voxels no window covers)")
         return self
 
     def method_class(self) -> type[Method]:
@@ -106,6 +108,8 @@ class TrainConfig(BaseModel):
 def _describe(exc: ValidationError, what: str) -> str:
     first = exc.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
+    if not key:  # a check across several keys
+        return f"invalid configuration: {first['msg'].removeprefix('Value error, ')}"
     return f"{what} {key!r}: {first['msg']} (got {first.get('input')!r})"
 
 

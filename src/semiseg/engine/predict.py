@@ -10,7 +10,6 @@ window is the run's (its preset's patch and stride).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -148,8 +147,6 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
     recipe = load_recipe(data or cfg.data) if needs_recipe else None
     slicewise = spec.spatial_dims == 2  # 2D networks label volumes slice by slice (ACDC)
     protocol = inference_protocol(cfg)
-    if slicewise:
-        protocol = replace(protocol, mode="slicewise")
     dev = resolve_device(device)
     method = build_method(cfg, spec, dev)
     method.load_state_dict(payload["method"])

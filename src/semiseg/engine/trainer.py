@@ -112,7 +112,12 @@ def setup(cfg: TrainConfig, local_rank: int | None = None) -> Setup:
 
 
 def inference_protocol(cfg: TrainConfig, layout: Layout | None = None) -> InferenceProtocol:
-    mode = layout.inference_mode if layout is not None else "sliding_window"
+    # Without a layout, a 2D patch means a 2D network applied to volumes slice by slice (ACDC).
+    mode = layout.inference_mode if layout is not None else "slicewise" if len(cfg.patch_size) == 2 else \
+        "sliding_window"
+    if mode == "sliding_window" and len(cfg.stride) != len(cfg.patch_size):
+        raise ConfigError(f"stride {cfg.stride} and patch_size {cfg.patch_size} need the same number of axes; "
+                          "pass --set stride=... with one value per patch axis")
     return InferenceProtocol(mode, tuple(cfg.patch_size), tuple(cfg.stride), cfg.post_lcc)
 
 
