@@ -3,8 +3,10 @@
 The real LA cases are downsampled by 2 (image: Gaussian anti-aliasing with sigma 0.5 then every second voxel;
 label: every second voxel, i.e. nearest), cached once. Same 80/20 split, 8 labelled + 72 unlabelled, patch
 64x64x32 (the halved 56x56x40 is not a multiple of 16, which the VNet needs), stride halved to 9/9/2, reduced
-filter count, a fixed iteration budget with every iteration-based schedule of a method (parameters whose name ends
-in `iterations`, e.g. ramp-up epoch lengths and pre-training stages) scaled by budget / recipe iterations, the last
+filter count, a fixed iteration budget with every iteration-based schedule of a method scaled by budget / recipe
+iterations (method parameters whose name ends in `iterations` or `horizon`, e.g. ramp-up epoch lengths and
+pre-training stages, and the common `poly_horizon`, `lr_step`, `lr_step_start`; schedules defined as fractions of
+the run, such as poly decay and CrossMatch's threshold ramp, follow the budget by themselves), the last
 checkpoint, and the four metrics on the 20 test cases. Labelled-only with all 80 labels is the upper bound.
 
     python benchmarks/la_mini.py --methods supervised caml mlrpl crossmatch --iterations 600
@@ -64,8 +66,11 @@ def scaled_overrides(method: str, iterations: int) -> list[str]:
     factor = iterations / cfg.iterations
     sets = []
     for name, value in params.model_dump().items():
-        if name.endswith("iterations") and isinstance(value, int) and not isinstance(value, bool):
+        if name.endswith(("iterations", "horizon")) and isinstance(value, int) and not isinstance(value, bool):
             sets.append(f"{name}={max(1, round(value * factor))}")
+    common = {"poly_horizon": cfg.poly_horizon, "lr_step_start": cfg.lr_step_start,
+              "lr_step": cfg.lr_step if cfg.lr_schedule == "step" else 0}
+    sets += [f"{key}={max(1, round(value * factor))}" for key, value in common.items() if value]
     return sets
 
 
