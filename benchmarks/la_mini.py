@@ -55,23 +55,11 @@ def prepare(la_root: Path, out: Path) -> Path:
 
 
 def scaled_overrides(method: str, iterations: int) -> list[str]:
-    """Scale each integer method parameter named `*iterations` by budget / recipe iterations."""
-    from semiseg.config import build_config
+    from semiseg.config import scaled_schedules
     from semiseg.methods import get_method
 
-    cls = get_method(method)
-    preset = "la-8" if "la-8" in cls.presets else None
-    cfg = build_config(method, None, {}, preset)
-    params = cfg.method_params()
-    factor = iterations / cfg.iterations
-    sets = []
-    for name, value in params.model_dump().items():
-        if name.endswith(("iterations", "horizon")) and isinstance(value, int) and not isinstance(value, bool):
-            sets.append(f"{name}={max(1, round(value * factor))}")
-    common = {"poly_horizon": cfg.poly_horizon, "lr_step_start": cfg.lr_step_start,
-              "lr_step": cfg.lr_step if cfg.lr_schedule == "step" else 0}
-    sets += [f"{key}={max(1, round(value * factor))}" for key, value in common.items() if value]
-    return sets
+    preset = "la-8" if "la-8" in get_method(method).presets else None
+    return [f"{k}={v}" for k, v in scaled_schedules(method, iterations, preset).items()]
 
 
 def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n_filters: int) -> dict:

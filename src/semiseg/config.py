@@ -185,3 +185,20 @@ def build_config(method: str | None, file: Path | None = None, overrides: dict[s
         raise ConfigError(_describe(exc, "config key")) from None
     config.method_params()  # validate now, not at iteration 1
     return config
+
+
+def scaled_schedules(method: str, iterations: int, preset: str | None = None) -> dict[str, int]:
+    """Overrides that shrink every iteration-based schedule of a recipe to a shorter budget.
+
+    Method parameters whose name ends in `iterations` or `horizon` (ramp-up epoch lengths, pre-training stages,
+    threshold horizons) and the common `poly_horizon`, `lr_step` and `lr_step_start` are multiplied by
+    budget / recipe iterations; schedules defined as fractions of the run follow the budget by themselves.
+    Used by the demo and the LA-mini benchmark to run a recipe in minutes.
+    """
+    cfg = build_config(method, None, {}, preset)
+    factor = iterations / cfg.iterations
+    values = {name: value for name, value in cfg.method_params().model_dump().items()
+              if name.endswith(("iterations", "horizon")) and isinstance(value, int) and not isinstance(value, bool)}
+    values.update({"poly_horizon": cfg.poly_horizon, "lr_step_start": cfg.lr_step_start,
+                   "lr_step": cfg.lr_step if cfg.lr_schedule == "step" else 0})
+    return {name: max(1, round(value * factor)) for name, value in values.items() if value}
