@@ -57,6 +57,8 @@ class TrainConfig(BaseModel):
     empty_policy: Literal["legacy_zero", "nan", "penalty"] = "legacy_zero"
     device: str = "auto"
     amp: bool = True
+    channels_last: Literal["auto", "on", "off"] = "auto"  # channels-last 3D layout; auto = on for CUDA
+    cudnn_benchmark: bool = True  # cuDNN autotuning on CUDA (fixed patch sizes make it pay off)
     sync_bn: bool = False  # multi-GPU: synchronise BatchNorm statistics across processes (CUDA only)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run, or skip that update
     num_workers: int = 2

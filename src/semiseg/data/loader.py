@@ -48,9 +48,13 @@ class Batch:
     def n_labeled(self) -> int:
         return len(self.image_labeled)
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in
-                       (self.image_labeled, self.label_labeled, self.image_unlabeled, self.index_labeled)))
+    def to(self, device: torch.device | str, channels_last: bool = False) -> Batch:
+        """Copy to `device` (asynchronously from pinned memory); images optionally in channels-last 3D layout."""
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        return Batch(self.image_labeled.to(device, non_blocking=True, memory_format=fmt),
+                     self.label_labeled.to(device, non_blocking=True),
+                     self.image_unlabeled.to(device, non_blocking=True, memory_format=fmt),
+                     self.index_labeled.to(device, non_blocking=True))
 
     def pin_memory(self) -> Batch:
         return Batch(*(t.pin_memory() for t in

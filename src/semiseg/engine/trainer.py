@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from .checkpoint import check_writable, load_checkpoint, save_checkpoint
 from .distributed import init_from_env, shutdown
 from .inference import InferenceProtocol, autocast_for, predict_volume
 from .metrics import dice
+from .progress import Progress
 from .schedules import poly_lr, step_lr
 
 CHECKPOINT = "checkpoint.pt"
@@ -108,7 +108,17 @@ def setup(cfg: TrainConfig, local_rank: int | None = None) -> Setup:
         raise ConfigError(f"patch_size {cfg.patch_size} has {len(cfg.patch_size)} axes but {layout.name} data is "
                           f"{layout.spatial_dims}D; pass --set patch_size with {layout.spatial_dims} sizes")
     method = build_method(cfg, spec, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if uses_channels_last(cfg, device, spec.spatial_dims):
+        method.to(memory_format=torch.channels_last_3d)
     return Setup(layout, split, method, build_optimizer(cfg, method), device)
+
+
+def uses_channels_last(cfg: TrainConfig, device: torch.device, spatial_dims: int) -> bool:
+    """Channels-last 3D lets cuDNN pick its fastest convolution kernels (tensor cores) on GPUs."""
+    wanted = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    return wanted and spatial_dims == 3
 
 
 def inference_protocol(cfg: TrainConfig, layout: Layout | None = None) -> InferenceProtocol:
@@ -230,8 +240,10 @@ class Trainer:
         if self.start >= cfg.iterations:
             return self.out / CHECKPOINT
         model = self._model()
+        channels_last = uses_channels_last(cfg, device, self.s.method.spec.spatial_dims)
         loader = batch_loader(self._batches(), cfg.num_workers, pin_memory=device.type == "cuda")
         main = self.dist.is_main
+        progress = Progress(self.start, cfg.iterations, self.progress and main)
         writer = log_file = None
         if main:
             from torch.utils.tensorboard import SummaryWriter
@@ -250,7 +262,7 @@ class Trainer:
                 lr = learning_rate(cfg, iteration)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = batch.to(device)
+                batch = batch.to(device, channels_last)
                 with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
                     step = model(batch, ctx)
                 optimizer.zero_grad(set_to_none=True)
@@ -289,7 +301,7 @@ class Trainer:
                                 writer.add_scalar(key, value, iteration)
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
-                        self._report(record, time.perf_counter() - t0, iteration)
+                        progress.update(iteration, record)
                 if cfg.val > 0 and cfg.val_every > 0 and (iteration % cfg.val_every == 0
                                                           or iteration == cfg.iterations):
                     improved = False
@@ -307,6 +319,7 @@ class Trainer:
                     self._save(CHECKPOINT, iteration)
                     last_saved = iteration
         finally:
+            progress.close()
             if main:
                 writer.close()
                 log_file.close()
@@ -319,11 +332,3 @@ class Trainer:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         shutdown(self.dist)
         return self.out / CHECKPOINT
-
-    def _report(self, record: dict[str, float], elapsed: float, iteration: int) -> None:
-        if not self.progress:
-            return
-        done = iteration - self.start
-        eta = elapsed / done * (self.cfg.iterations - iteration)
-        print(f"[{iteration}/{self.cfg.iterations}] loss {record['loss']:.4f} lr {record['lr']:.2e} "
-              f"{record['s_per_it']:.3f} s/it  ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
