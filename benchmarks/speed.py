@@ -1,6 +1,7 @@
 """Speed and memory of every method at the paper's sizes (LA: batch 2+2, patch 112x112x80).
 
-For each method, in a fresh process (so peak memory is its own): time to build one batch (data loading and
+For each method, in a fresh process (so peak memory is its own), at a mid-run iteration (ramps at full weight,
+BCP in its self-training stage): time to build one batch (data loading and
 augmentation), time of one full training step (forward + backward + optimiser, synchronised on GPU), and the
 inference time of the evaluated network on LA test volumes at the protocol stride 18/18/4, metrics included.
 
@@ -64,7 +65,7 @@ def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, d
         _sync(dev)
         t = time.perf_counter()
         batch = batch.to(dev)
-        ctx = StepContext(i + 1, cfg.iterations, len(lab))
+        ctx = StepContext(cfg.iterations // 2 + i, cfg.iterations, len(lab))  # mid-run: full ramps, BCP stage 2
         with autocast:
             out = method_obj.train_step(batch, ctx)
         opt.zero_grad(set_to_none=True)
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--infer-cases", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value config override")
+    parser.add_argument("--tag", default="", help="suffix of the result file and BENCHMARKS.md section")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -126,7 +128,8 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     device = results[0]["device"].split(":")[0] if results else "none"
-    out = REPO / "benchmarks" / "results" / f"speed-{device}.json"
+    name = f"speed-{device}" + (f"-{args.tag}" if args.tag else "")
+    out = REPO / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps({"stamp": stamp(), "results": results}, indent=1))
     rows = [[r["method"], r["preset"] or "-", r["batch"], f"{r['params']:,}", f"{r['data_s_per_batch']:.3f}",
              f"{r['step_s']:.2f}", f"{r['train_peak_mb']:.0f}",
@@ -135,8 +138,11 @@ def main() -> None:
     table = markdown_table(["method", "preset", "batch (L+U)", "params", "data s/batch", "step s/it",
                             "peak MB (train)", "inference s/volume (volumes)"], rows)
     sets = "".join(f" --set {o}" for o in args.overrides)
-    cmd = f"python benchmarks/speed.py --steps {args.steps} --infer-cases {args.infer_cases}{sets}"
-    update_section(f"speed-{device}", f"{stamp()}\n\nCommand: `{cmd}`\n\n{table}\n")
+    methods = " --methods " + " ".join(args.methods) if args.methods else ""
+    tag = f" --tag {args.tag}" if args.tag else ""
+    cmd = (f"python benchmarks/speed.py{methods} --steps {args.steps} --warmup {args.warmup} "
+           f"--infer-cases {args.infer_cases}{sets}{tag}")
+    update_section(name, f"### Speed and memory, {name}\n\n{stamp()}\n\nCommand: `{cmd}`\n\n{table}\n")
 
 
 if __name__ == "__main__":
