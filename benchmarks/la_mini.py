@@ -62,13 +62,14 @@ def scaled_overrides(method: str, iterations: int) -> list[str]:
     return [f"{k}={v}" for k, v in scaled_schedules(method, iterations, preset).items()]
 
 
-def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n_filters: int) -> dict:
+def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n_filters: int,
+            extra: list[str]) -> dict:
     from semiseg.methods import get_method
 
     preset = ["--preset", "la-8"] if "la-8" in get_method(method).presets else []
     common = ["patch_size=64,64,32", "stride=9,9,2", f"n_filters={n_filters}", f"checkpoint_every={iterations}",
               "log_every=50", "num_workers=1", "device=cpu"]
-    sets = [*common, *scaled_overrides(method, iterations)]
+    sets = [*common, *scaled_overrides(method, iterations), *extra]
     cmd = [sys.executable, "-m", "semiseg.cli", "train", "--method", method, "--data", str(data), "--labeled",
            str(labeled), "--iterations", str(iterations), "--out", str(out), "--quiet", *preset,
            *[a for s in sets for a in ("--set", s)]]
@@ -82,7 +83,8 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
     summary = json.loads((out / "eval-test" / "summary.json").read_text())
     train = json.loads((out / "train_summary.json").read_text())
     m = summary["metrics"]
-    return {"method": method, "labeled": labeled, "iterations": iterations, "n_filters": n_filters,
+    return {"method": method, "variant": " ".join(extra) or "recipe", "labeled": labeled, "iterations": iterations,
+            "n_filters": n_filters,
             "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
             "asd": m["asd"]["mean"], "train_wall_s": train["wall_s"], "wall_s": wall,
             "s_per_it": train["s_per_it"], "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--no-upper-bound", action="store_true", help="skip labelled-only with all 80 labels")
     parser.add_argument("--la-root", default=os.environ.get("SEMISEG_LA_ROOT", str(REPO.parent / "shared/data/LA")))
     parser.add_argument("--work", default=str(REPO / "runs" / "la-mini"))
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        help="extra key=value override for every run (a diagnostic variant, named in the table)")
     args = parser.parse_args()
     work = Path(args.work)
     data = prepare(Path(args.la_root), work / "data")
@@ -106,8 +110,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path = RESULTS / "la_mini.csv"
     for method, labeled in jobs:
-        row = run_one(method, labeled, args.iterations, data, work / f"{method}-{labeled}-{args.iterations}",
-                      args.n_filters)
+        variant = "-".join(e.replace("=", "_").replace(",", "_") for e in args.extra)
+        folder = work / (f"{method}-{labeled}-{args.iterations}" + (f"-{variant}" if variant else ""))
+        row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, args.extra)
         row["stamp"] = stamp()
         new = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:
@@ -124,11 +129,12 @@ def render() -> None:
     rows = {}
     with open(RESULTS / "la_mini.csv") as f:
         for row in csv.DictReader(f):
-            rows[(row["method"], row["labeled"], row["iterations"])] = row
+            rows[(row["method"], row.get("variant") or "recipe", row["labeled"], row["iterations"])] = row
     table = markdown_table(
-        ["method", "labelled", "iterations", "filters", "Dice %", "Jaccard %", "HD95 vox", "ASD vox", "wall min",
-         "s/it", "peak MB", "run stamp"],
-        [[r["method"], r["labeled"], r["iterations"], r["n_filters"], f"{100 * float(r['dice']):.2f}",
+        ["method", "variant", "labelled", "iterations", "filters", "Dice %", "Jaccard %", "HD95 vox", "ASD vox",
+         "wall min", "s/it", "peak MB", "run stamp"],
+        [[r["method"], r.get("variant") or "recipe", r["labeled"], r["iterations"], r["n_filters"],
+          f"{100 * float(r['dice']):.2f}",
           f"{100 * float(r['jaccard']):.2f}", f"{float(r['hd95']):.2f}", f"{float(r['asd']):.2f}",
           f"{float(r['wall_s']) / 60:.1f}", f"{float(r['s_per_it']):.2f}", f"{float(r['peak_mb']):.0f}", r["stamp"]]
          for r in rows.values()])
