@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from semiseg.nets import MultiDecoderVNet, VNet, count_parameters
+from semiseg.nets import MultiDecoderVNet, VNet, count_parameters, evaluated_parameters
 
 
 def test_legacy_vnet_has_the_official_parameter_count() -> None:
@@ -44,3 +44,8 @@ def test_multi_decoder_forward_is_the_first_decoder() -> None:
     outputs = net.forward_all(x)
     assert len(outputs) == 2
     assert torch.equal(net(x), outputs[0][0])
+
+
+def test_evaluated_path_of_a_multi_decoder_net_is_a_plain_vnet() -> None:
+    assert evaluated_parameters(MultiDecoderVNet(up_types=("transposed", "nearest"))) == 9_448_866
+    assert evaluated_parameters(VNet()) == 9_448_866

@@ -23,11 +23,11 @@ def methods() -> None:
     """List the registered methods, their networks' parameter counts and presets."""
     from .methods import available_methods
     from .methods.base import NetSpec
-    from .nets import count_parameters
+    from .nets import count_parameters, evaluated_parameters
 
     for name, cls in available_methods().items():
         method = cls(cls.Params(), NetSpec())
-        params = count_parameters(method.inference_network())
+        params = evaluated_parameters(method.inference_network())
         total = count_parameters(method)
         presets = ", ".join(cls.presets) or "-"
         typer.echo(f"{name:12s} {total:>12,d} params (evaluated net {params:,d})  {cls.description}")

@@ -121,3 +121,10 @@ class MultiDecoderVNet(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Trainable parameter count, as quoted by the papers."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def evaluated_parameters(net: nn.Module) -> int:
+    """Parameters on the path `forward` uses: a multi-decoder VNet is evaluated through decoder 1 alone."""
+    if isinstance(net, MultiDecoderVNet):
+        return count_parameters(net.encoder) + count_parameters(net.decoders[0])
+    return count_parameters(net)
