@@ -16,9 +16,8 @@ from semiseg.config import build_config
 from semiseg.data import open_dataset
 from semiseg.data.h5 import write_case
 from semiseg.data.synthetic import make_case
-from semiseg.engine.evaluate import evaluate_checkpoint
 from semiseg.engine.inference import window_starts
-from semiseg.engine.trainer import Trainer, inference_protocol
+from semiseg.engine.trainer import inference_protocol
 from semiseg.errors import DataError
 
 TINY = {"patch_size": (32, 32, 32), "stride": (16, 16, 16), "n_filters": 4, "iterations": 2, "num_workers": 0,
@@ -98,36 +97,51 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_mlrpl_pancreas_preset_trains_and_evaluates(pancreas_root: Path, tmp_path: Path) -> None:
-    cfg = build_config("mlrpl", preset="pancreas-6", overrides={"data": str(pancreas_root), **TINY})
+def _cli(*args: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def _train(preset: str, root: Path, run: Path, *extra: str) -> None:
+    """`semiseg train --method mlrpl --preset PRESET` shrunk to TINY with `--set`."""
+    sets = [f"--set={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+    _cli("train", "--method", "mlrpl", "--preset", preset, "--data", str(root), "--out", str(run), "--quiet",
+         *sets, *extra)
+
+
+def _evaluate(run: Path, out: Path, *extra: str) -> dict:
+    _cli("evaluate", str(run), "--out", str(out), "--device", "cpu", *extra)
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_mlrpl_pancreas_preset_trains_and_evaluates_via_cli(pancreas_root: Path, tmp_path: Path) -> None:
+    cfg = build_config("mlrpl", preset="pancreas-6")
     assert (cfg.labeled, cfg.rot_flip, cfg.checkpoint_selection, cfg.val) == (6, False, "last", 0)
     run = tmp_path / "run"
-    Trainer(cfg, run, progress=False).run()
+    _train("pancreas-6", pancreas_root, run)
     losses = [r for r in _records(run) if "loss" in r]
     assert [r["iteration"] for r in losses] == [1, 2] and all(math.isfinite(r["loss"]) for r in losses)
     assert json.loads((run / "split.json").read_text())["unlabeled"] == ["image0032", "image0079"]
-    summary = evaluate_checkpoint(run, tmp_path / "eval", device="cpu")
+    summary = _evaluate(run, tmp_path / "eval")
     card = summary["protocol"]
     assert [c["case"] for c in summary["cases"]] == ["image0050", "image0059"]
-    assert card["checkpoint"]["rule"] == "last" and card["inference"]["stride"] == (16, 16, 16)
+    assert card["checkpoint"]["rule"] == "last" and card["inference"]["stride"] == [16, 16, 16]
+    assert card["dataset"]["layout"] == "pancreas" and card["preset"] == "pancreas-6"
     assert 0 <= summary["metrics"]["dice"]["mean"] <= 1
 
 
 def test_mlrpl_brats_preset_via_cli_selects_on_val(brats_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = ["train", "--method", "mlrpl", "--preset", "brats-25", "--data", str(brats_root), "--labeled", "3",
-            "--out", str(run), "--quiet"]
-    for key, value in {**TINY, "stride": (16, 16, 16)}.items():
-        args += ["--set", f"{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    _train("brats-25", brats_root, run, "--labeled", "3")
     records = _records(run)
     assert [r["iteration"] for r in records if "val_dice" in r] == [2]  # validated on val.txt at the end
     assert (run / "best.pt").is_file()
-    summary = evaluate_checkpoint(run, tmp_path / "eval", device="cpu")
+    summary = _evaluate(run, tmp_path / "eval")
     assert summary["protocol"]["checkpoint"]["rule"] == "best_on_val"
     assert summary["protocol"]["dataset"]["val_source"] == "declared validation list"
     assert [c["case"] for c in summary["cases"]] == ["BraTS19_TCIA02_010_1", "BraTS19_TCIA02_011_1"]
+    last = _evaluate(run, tmp_path / "eval-last", "--checkpoint", "last")  # the spec: always also report last
+    assert last["protocol"]["checkpoint"]["rule"] == "last"
 
 
 def test_preset_windows_keep_stride_16_for_96_patches() -> None:

@@ -166,6 +166,17 @@ def test_parameter_count_and_decoders() -> None:
     assert trilinear.net.decoders[1].up_five[0].mode == "trilinear"
 
 
+def test_common_norm_and_dropout_keys_reach_the_network() -> None:
+    """`--set dropout=0` / `--set norm=...` must change MLRPL's network, not be silently ignored."""
+    net = MLRPL(MLRPLParams(), NetSpec(n_filters=4, norm="instancenorm", dropout=0.0)).net
+    assert all(isinstance(d.dropout, nn.Identity) for d in net.decoders)
+    assert isinstance(net.encoder.dropout, nn.Identity)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert any(isinstance(m, nn.InstanceNorm3d) for m in net.modules())
+    default = _method(MLRPLParams()).net
+    assert all(isinstance(d.dropout, nn.Dropout3d) and d.dropout.p == 0.5 for d in default.decoders)
+
+
 def test_masks_complementary_except_ties() -> None:
     torch.manual_seed(0)
     z1, z2 = torch.randn(2, 2, 5, 4, 3), torch.randn(2, 2, 5, 4, 3)
@@ -294,8 +305,13 @@ def test_presets_carry_dataset_recipes() -> None:
     assert (la.batch_labeled, la.batch_unlabeled) == (2, 2)
     pan = build_config("mlrpl", preset="pancreas-12")
     assert (pan.labeled, pan.patch_size, pan.stride, pan.rot_flip) == (12, (96,) * 3, (16,) * 3, False)
+    assert (pan.iterations, pan.lr_schedule, pan.checkpoint_selection, pan.val) == (15000, "constant", "last", 0)
+    assert build_config("mlrpl", preset="pancreas-6").labeled == 6
     brats = build_config("mlrpl", preset="brats-50")
     assert (brats.labeled, brats.stride, brats.val, brats.checkpoint_selection) == (50, (64,) * 3, 25, "best_on_val")
+    assert (brats.patch_size, brats.rot_flip, brats.iterations, brats.lr_schedule) == ((96,) * 3, True, 30000,
+                                                                                       "constant")
+    assert build_config("mlrpl", preset="brats-25").labeled == 25
     assert MLRPL.presets.keys() == {"la-8", "la-16", "pancreas-6", "pancreas-12", "brats-25", "brats-50"}
     assert build_config("mlrpl", preset="la-8").method_params() == MLRPLParams()  # official defaults
 

@@ -148,7 +148,8 @@ class MLRPL(Method):
             raise ConfigError(f"mlrpl needs binary 3D data (its network is the two-class 3D VNet); got "
                               f"{spec.spatial_dims}D data with {spec.num_classes} classes")
         self.net = MultiDecoderVNet(spec.in_channels, spec.num_classes, spec.n_filters,
-                                    up_types=("transposed", params.decoder2_upsample))
+                                    up_types=("transposed", params.decoder2_upsample), norm=spec.norm,
+                                    dropout=spec.dropout)
 
     def decoder_outputs(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(logits, prototype features) of each decoder; the features are taken before the decoder's
