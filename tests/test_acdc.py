@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from scipy import ndimage
 from torch import nn
 
@@ -158,17 +159,22 @@ def test_supervised_trains_on_acdc_and_evaluate_reports_each_class(acdc_root: Pa
 
 
 def test_crossmatch_acdc_preset_trains_and_evaluates_on_the_declared_val_list(acdc_root: Path, tmp_path: Path) -> None:
-    from semiseg.config import build_config
-    from semiseg.engine.evaluate import evaluate_checkpoint
-    from semiseg.engine.trainer import Trainer
-
-    cfg = build_config("crossmatch", None, {"data": str(acdc_root), "labeled": 2, "iterations": 2,
-                                            "patch_size": (32, 32), "batch_labeled": 2, "batch_unlabeled": 4,
-                                            "num_workers": 0, "log_every": 1, "device": "cpu"}, "acdc-3")
-    assert (cfg.optimizer, cfg.nesterov, cfg.method_params().tau) == ("sgd", True, 0.95)
-    Trainer(cfg, tmp_path / "run", progress=False).run()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / "run"
+    semiseg("train", "--method", "crossmatch", "--preset", "acdc-3", "--data", str(acdc_root), "--labeled", "2",
+            "--iterations", "2", "--out", str(run), "--set", "patch_size=32,32", "--set", "batch_labeled=2",
+            "--set", "batch_unlabeled=4", "--set", "num_workers=0", "--set", "log_every=1", "--quiet")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["optimizer"], cfg["nesterov"], cfg["lr_schedule"], cfg["preset"]) == ("sgd", True, "poly", "acdc-3")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["tau"] for r in records] == pytest.approx([0.95, 0.95])
-    summary = evaluate_checkpoint(tmp_path / "run", tmp_path / "eval", split="val", device="cpu")
+    assert records[0]["lr"] == pytest.approx(0.01) and all(np.isfinite(r["loss/dkd"]) for r in records)
+
+    result = semiseg("evaluate", str(run), "--split", "val", "--out", str(tmp_path / "eval"))
+    table = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    for name in ("RV", "Myo", "LV"):
+        assert all(metric in table[name] for metric in ("dice", "jaccard", "hd95", "asd"))
+    assert {"dice", "jaccard", "hd95", "asd"} <= set(table)  # the class means
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["protocol"]["method"] == "crossmatch"
     assert summary["protocol"]["dataset"]["case_ids"] == ["patient007_frame01", "patient007_frame12"]
-    assert {f"{m}_class{c}" for m in ("dice", "hd95") for c in (1, 2, 3)} <= set(summary["metrics"])
+    assert {f"{m}_class{c}" for m in ("dice", "jaccard", "hd95", "asd") for c in (1, 2, 3)} <= set(summary["metrics"])

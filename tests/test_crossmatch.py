@@ -380,11 +380,13 @@ def test_mix_teacher_mode_switches_the_network_mode(mode: str, expected: bool) -
     method = make_method(SPEC_3D, mix_teacher_mode=mode).train()
     modes: list[bool] = []
     method.net.net.register_forward_hook(lambda m, args, out: modes.append(m.training))
-    encoder_modes: list[bool] = []
-    method.net.net.encoder.register_forward_hook(lambda m, args, out: encoder_modes.append(m.training))
+    encoder_calls: list[tuple[bool, bool]] = []
+    method.net.net.encoder.register_forward_hook(
+        lambda m, args, out: encoder_calls.append((m.training, torch.is_grad_enabled())))
     method.train_step(_batch_3d(), StepContext(1, 10))
-    # teacher: plain forward + dropout paths on (x, u_mix); student: two dropout-path passes
-    assert modes == [expected] and encoder_modes == [expected, expected, True, True]
+    # teacher: plain forward + dropout paths on (x, u_mix), without gradient; student: two dropout-path passes
+    assert modes == [expected]
+    assert encoder_calls == [(expected, False), (expected, False), (True, True), (True, True)]
     assert method.training and method.net.net.training
 
 
