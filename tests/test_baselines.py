@@ -145,6 +145,19 @@ def test_ema_update_arithmetic_and_buffers() -> None:
     teacher.copy_from(student)
     assert torch.equal(teacher.net[1].running_mean, student[1].running_mean)
     assert teacher.net[0].weight.requires_grad is False
+    constant = EMATeacher(student, decay=0.99, warmup=False)  # BCP: 0.99 from the first update
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(1.0)
+    constant.update(student, iteration=1)
+    assert constant.alpha(1) == 0.99
+    assert all(torch.allclose(t, torch.full_like(t, 0.99 * 6 + 0.01 * 1)) for t in constant.parameters())
+
+
+@pytest.mark.parametrize("cls", [MeanTeacher, UAMT, BCP])
+def test_the_student_is_the_evaluated_network(cls: type) -> None:
+    method = cls(cls.Params(), TINY)
+    assert method.inference_network() is method.net and method.net is not method.teacher.net
 
 
 def test_methods_update_the_teacher_after_each_step() -> None:
@@ -260,6 +273,13 @@ def test_mcnet_loss_and_gradients_equal_the_reference(cls: type[MCNet], decoders
         assert not torch.allclose(other[0].grad, leaves[0].grad)
 
 
+def test_mcnet_networks_follow_the_configured_norm_and_dropout() -> None:
+    method = MCNetPlus(MCNetParams(), NetSpec(n_filters=4, norm="instancenorm", dropout=0.0))
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in method.modules())
+    assert any(isinstance(m, nn.InstanceNorm3d) for m in method.modules())
+    assert all(m.p == 0.0 for m in method.modules() if isinstance(m, nn.Dropout3d))
+
+
 def test_mcnet_rejects_2d_data() -> None:
     with pytest.raises(ConfigError, match="3D"):
         MCNet(MCNetParams(), NetSpec(spatial_dims=2))
@@ -347,7 +367,9 @@ def test_bcp_self_training_loss_equals_the_reference() -> None:
 
 def test_bcp_pretraining_loss_and_stage_switch() -> None:
     method = BCP(BCPParams(pretrain_iterations=3), TINY)
-    method.net, method.teacher = _pointwise(0.8, 0.0, -0.4, 0.3), EMATeacher(_pointwise(0.0, 0.0, 0.0, 0.0))
+    teacher = method.teacher  # keep BCP's own EMA settings around the hand-set network
+    method.net = _pointwise(0.8, 0.0, -0.4, 0.3)
+    method.teacher = EMATeacher(_pointwise(0.0, 0.0, 0.0, 0.0), teacher.decay, teacher.warmup)
     batch = _batch(n_lab=4, n_unl=4, shape=(6, 6, 3), seed=6)
     torch.manual_seed(9)
     out = method.train_step(batch, StepContext(iteration=3, total_iterations=10))
@@ -362,6 +384,11 @@ def test_bcp_pretraining_loss_and_stage_switch() -> None:
     assert method.teacher.net.weight.abs().sum() == 0
     method.train_step(batch, StepContext(iteration=4, total_iterations=10))  # first self-training step
     assert torch.equal(method.teacher.net.weight, method.net.weight)
+    copied = method.teacher.net.weight.clone()
+    with torch.no_grad():
+        method.net.weight.add_(1.0)
+    method.after_step(StepContext(iteration=4, total_iterations=10))  # official: a constant 0.99, no warm-up
+    assert torch.allclose(method.teacher.net.weight, 0.99 * copied + 0.01 * method.net.weight)
     with pytest.raises(ConfigError, match="must be even and equal"):  # already during pre-training
         method.train_step(_batch(n_lab=4, n_unl=2, shape=(6, 6, 3)), StepContext(iteration=1, total_iterations=10))
 

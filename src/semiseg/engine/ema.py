@@ -1,8 +1,9 @@
 """The one EMA teacher of semiseg (Mean Teacher, UA-MT, BCP).
 
 A frozen deep copy of the student whose parameters follow theta_t <- a theta_t + (1 - a) theta_s after
-every optimiser step, with a = min(1 - 1/iteration, decay): SSL4MIS's `update_ema_variables`, whose
-`global_step` is our 1-based iteration minus one, so the first update copies the student outright.
+every optimiser step. With `warmup` (SSL4MIS's `update_ema_variables`, Mean Teacher and UA-MT),
+a = min(1 - 1/iteration, decay): its `global_step` is our 1-based iteration minus one, so the first update
+copies the student outright. Without it (BCP's `update_ema_variables`), a = decay from the first update.
 Only parameters are averaged; buffers (BatchNorm running statistics) are the teacher's own, updated by
 its own forward passes in train mode, exactly as in the official code. Being a submodule of the method,
 the teacher is in the method's `state_dict`, so a resumed run continues with the same teacher.
@@ -19,11 +20,12 @@ from torch import nn
 class EMATeacher(nn.Module):
     """Exponential moving average of a student network; never receives gradients."""
 
-    def __init__(self, student: nn.Module, decay: float = 0.99) -> None:
+    def __init__(self, student: nn.Module, decay: float = 0.99, warmup: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.net = copy.deepcopy(student)
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -32,7 +34,10 @@ class EMATeacher(nn.Module):
         return self.net(*args)
 
     def alpha(self, iteration: int) -> float:
-        """Weight of the old teacher after update `iteration` (1-based): min(1 - 1/iteration, decay)."""
+        """Weight of the old teacher after update `iteration` (1-based): min(1 - 1/iteration, decay) with
+        warm-up, else decay."""
+        if not self.warmup:
+            return self.decay
         return min(1.0 - 1.0 / max(iteration, 1), self.decay)
 
     @torch.no_grad()

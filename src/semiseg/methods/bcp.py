@@ -129,7 +129,8 @@ class BCP(Method):
         if spec.num_classes != 2:
             raise ConfigError(f"bcp implements the binary (LA) recipe; the data has {spec.num_classes} classes")
         self.net = default_network(spec)
-        self.teacher = EMATeacher(self.net, params.ema_decay)
+        # Official: a constant 0.99 from the first self-training update, whatever the stage length.
+        self.teacher = EMATeacher(self.net, params.ema_decay, warmup=False)
 
     def _forward(self, net: nn.Module, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.params.separate_forwards:

@@ -58,7 +58,8 @@ class MCNet(Method):
         self.params: MCNetParams = params
         if spec.spatial_dims != 3:
             raise ConfigError(f"{self.name} is a 3D VNet method; the data is {spec.spatial_dims}D")
-        self.net = MultiDecoderVNet(spec.in_channels, spec.num_classes, spec.n_filters, self.up_types)
+        self.net = MultiDecoderVNet(spec.in_channels, spec.num_classes, spec.n_filters, self.up_types,
+                                    norm=spec.norm, dropout=spec.dropout)
 
     def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         p, n_lab = self.params, batch.n_labeled
