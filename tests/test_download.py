@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -192,3 +193,42 @@ def test_shipped_checksums_match_the_reference_data(la_root: Path) -> None:
     assert len(entries) == 100
     for digest, name in entries[:2]:
         assert sha256_file(la_root / CASES_DIR / name) == digest
+
+
+def test_cli_downloads_then_verifies_against_the_local_server(served, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`semiseg data download la` end to end; the shipped sums are swapped for the three served cases'."""
+    from semiseg.cli import main
+    from semiseg.data import download
+
+    server, sums, out = served
+    shipped = download.la_resource
+    monkeypatch.setattr(download, "la_resource", lambda name: sums if name == "SHA256SUMS" else shipped(name))
+    server.cut_once.add(f"{IDS[2]}/mri_norm2.h5")
+    for expected in ("3 downloaded, 0 already present", "0 downloaded, 3 already present"):
+        monkeypatch.setattr(sys, "argv", ["semiseg", "data", "download", "la", "--out", str(out), "--base-url",
+                                          server.url, "--workers", "2"])
+        with pytest.raises(SystemExit) as info:
+            main()
+        captured = capsys.readouterr()
+        assert info.value.code == 0, captured.err
+        assert f"{expected} and verified: {out}" in captured.out
+    assert all((out / CASES_DIR / name).read_bytes() == body for name, body in server.files.items())
+    assert (out / "SHA256SUMS").read_text() == sums.read_text() and _parts(out) == []
+
+
+def test_cli_reports_every_bad_file_and_exits_2(served, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from semiseg.cli import main
+
+    server, _, out = served
+    server.files = {name: b"not the real file" for name in server.files}  # the shipped sums cannot match
+    monkeypatch.setattr(sys, "argv", ["semiseg", "data", "download", "la", "--out", str(out), "--base-url",
+                                      server.url])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "100 of 100 files failed" in err and err.count("does not match the expected") == 3
+    assert err.count("Not Found") == 97
+    assert not list((out / CASES_DIR).rglob("*.h5")) and _parts(out) == []

@@ -128,3 +128,71 @@ def test_reader_on_arbitrary_arrays_accepts_or_explains(dtype, image_shape, labe
         else:
             assert case.image.ndim == 4 and case.label.shape == case.image.shape[1:]
             assert 0 <= label_value < 3 and np.isfinite(case.image).all()
+
+
+def _scan_bytes(suffix: str) -> bytes:
+    """A small valid scan to damage (NRRD with gzip-encoded data)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"scan{suffix}"
+        if suffix == ".nrrd":
+            import nrrd
+
+            nrrd.write(str(path), np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4),
+                       {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.7, 2.0]),
+                        "encoding": "gzip"})
+        else:
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4), np.eye(4)), str(path))
+        return path.read_bytes()
+
+
+SCANS = {suffix: _scan_bytes(suffix) for suffix in (".nii", ".nii.gz", ".nrrd")}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(SCANS)), st.data())
+def test_nifti_and_nrrd_readers_on_damaged_files_raise_only_data_errors(suffix, data) -> None:
+    from semiseg.data.prepare import read_volume
+
+    tried("damaged NIfTI / NRRD files")
+    blob = bytearray(SCANS[suffix])
+    if data.draw(st.booleans(), label="truncate"):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
+    else:
+        for _ in range(data.draw(st.integers(1, 20), label="flips")):
+            blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"damaged{suffix}"
+        path.write_bytes(bytes(blob))
+        try:
+            volume = read_volume(path)
+        except DataError as exc:
+            assert str(path) in str(exc)
+        else:
+            assert volume.affine.shape == (4, 4) and isinstance(volume.data, np.ndarray)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_checkpoint_loader_on_damaged_files_raises_only_checkpoint_errors(data) -> None:
+    from semiseg.engine.checkpoint import load_checkpoint, save_checkpoint
+    from semiseg.errors import CheckpointError
+
+    tried("damaged checkpoints")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "checkpoint.pt"
+        save_checkpoint(path, {"iteration": 3, "method": {"w": torch.arange(50.0)}})
+        blob = bytearray(path.read_bytes())
+        if data.draw(st.booleans(), label="truncate"):
+            blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
+        else:
+            for _ in range(data.draw(st.integers(1, 20), label="flips")):
+                blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+        path.write_bytes(bytes(blob))
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as exc:
+            assert str(path) in str(exc)
+        else:
+            assert payload["format"] == "semiseg-checkpoint"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from semiseg.config import build_config
-from semiseg.engine.checkpoint import load_checkpoint
+from semiseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from semiseg.engine.trainer import DivergenceError, Trainer
 from semiseg.errors import CheckpointError
 from semiseg.methods import METHODS, StepOutput
@@ -58,13 +62,57 @@ def test_skip_mode_drops_only_the_bad_update(tmp_path: Path, tiny_synthetic: str
     assert all(torch.isfinite(v).all() for v in final["method"].values() if v.is_floating_point())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
-def test_unwritable_output_folder_is_reported_before_training(tmp_path: Path, tiny_synthetic: str) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    with pytest.raises(CheckpointError, match="not writable"):
-        Trainer(_cfg("supervised", tiny_synthetic), locked / "run", progress=False)
+def _error_as_unprivileged_user(action: Callable[[], object]) -> str:
+    """`repr` of what `action` raises ('' if nothing) in a forked child that drops root's rights first.
+
+    Root writes into read-only folders, and CI runs as root, so the child becomes `nobody` there.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        os.close(read)
+        message = ""
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            action()
+        except BaseException as exc:  # every outcome is reported to the parent
+            message = repr(exc)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_unwritable_output_folder_is_reported_before_training(tiny_synthetic: str) -> None:
+    base = Path(tempfile.mkdtemp())
+    locked = base / "locked"
+    try:
+        base.chmod(0o755)  # reachable by the unprivileged child
+        locked.mkdir(mode=0o555)
+        cfg = _cfg("supervised", tiny_synthetic)
+        for out in (locked, locked / "run"):  # an existing read-only folder; one that cannot be created
+            message = _error_as_unprivileged_user(lambda out=out: Trainer(cfg, out, progress=False))
+            assert message.startswith("CheckpointError") and "not writable (Permission denied)" in message, message
+    finally:
+        if locked.exists():
+            locked.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_full_output_folder_is_reported_before_training(tmp_path: Path, tiny_synthetic: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    with pytest.raises(CheckpointError, match="not writable .No space left on device.*free disk space"):
+        Trainer(_cfg("supervised", tiny_synthetic), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before anything else was written
 
 
 def test_output_path_that_is_a_file_is_reported_before_training(tmp_path: Path, tiny_synthetic: str) -> None:
@@ -72,3 +120,23 @@ def test_output_path_that_is_a_file_is_reported_before_training(tmp_path: Path, 
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="not writable"):
         Trainer(_cfg("supervised", tiny_synthetic), blocker / "run", progress=False)
+
+
+def test_checkpoint_files_are_validated_on_load(tmp_path: Path) -> None:
+    good = tmp_path / "checkpoint.pt"
+    save_checkpoint(good, {"iteration": 7, "method": {"w": torch.ones(1000)}})
+    assert load_checkpoint(good)["iteration"] == 7 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated.pt: unreadable checkpoint .*truncated"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, foreign)  # a valid torch file, not written by semiseg
+    with pytest.raises(CheckpointError, match="foreign.pt: not a semiseg checkpoint"):
+        load_checkpoint(foreign)
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": "semiseg-checkpoint", "version": 99}, newer)
+    with pytest.raises(CheckpointError, match="newer semiseg"):
+        load_checkpoint(newer)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -169,6 +169,12 @@ def test_round_trip_prepare_train_predict_evaluate_report(tmp_path: Path, monkey
         np.testing.assert_allclose(pred.header.get_zooms(), scan.header.get_zooms())
         assert pred.header["descrip"] == scan.header["descrip"]
         assert pred.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    # One file: its sibling channel file (toy_006_0001) comes along, and the labels equal the folder run's.
+    out = run_cli(monkeypatch, capsys, "predict", run, root / "imagesTs" / "toy_006_0000.nii.gz", "--out",
+                  tmp_path / "one", "--device", "cpu")
+    assert out.split() == [str(tmp_path / "one" / "toy_006.nii.gz")]
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "one" / "toy_006.nii.gz")).get_fdata(),
+                                  nib.load(str(tmp_path / "pred" / "toy_006.nii.gz")).get_fdata())
     run_cli(monkeypatch, capsys, "evaluate", run, "--save-predictions", "--device", "cpu")
     assert sorted(p.name for p in (run / "eval-test" / "predictions").iterdir()) == ["toy_006.h5", "toy_007.h5"]
     out = run_cli(monkeypatch, capsys, "report", run)

@@ -35,10 +35,22 @@ class Report:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The training log, one JSON record per line (loss records and validation records)."""
+    """The training log, one JSON record per line (loss records and validation records).
+
+    A resumed run logs again from its checkpoint's iteration on: those records replace the ones the
+    interrupted run had logged past the checkpoint, so the curves show one line, not a zig-zag.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    streams: dict[bool, list[dict[str, float]]] = {False: [], True: []}  # loss records, validation records
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            stream = streams["val_dice" in record]
+            while stream and stream[-1]["iteration"] >= record["iteration"]:
+                stream.pop()
+            stream.append(record)
+    return streams[False] + streams[True]
 
 
 def plot_curves(records: list[dict[str, float]], path: Path) -> Path:

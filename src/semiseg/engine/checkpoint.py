@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found; pass a run folder or a .pt file written by "
                               "`semiseg train`")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file's bytes can look like an unusual pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many exception types for damaged files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}); the file is truncated "
                               "or not a semiseg checkpoint; resume from an earlier one or retrain") from None
