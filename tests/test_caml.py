@@ -51,6 +51,17 @@ def test_parameter_count_matches_official() -> None:
     assert count_parameters(method.inference_network()) == 9_448_866
 
 
+def test_common_norm_and_dropout_keys_reach_both_networks() -> None:
+    """`--set dropout=0` / `--set norm=...` change f_v and f_a; CMA keeps its own dropout of 0.5."""
+    net = CAML(CAMLParams(), NetSpec(n_filters=4, norm="instancenorm", dropout=0.0)).net
+    for vnet in (net.f_v, net.f_a):
+        assert isinstance(vnet.encoder.dropout, torch.nn.Identity)
+        assert isinstance(vnet.decoder.dropout, torch.nn.Identity)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    assert net.f_a.encoder.x4_transform.intra_sample.dropout.p == 0.5
+
+
 def test_output_shapes() -> None:
     net = CAMLNet(n_filters=4, head_dim=8)
     out = net(torch.randn(4, 1, 32, 32, 16))

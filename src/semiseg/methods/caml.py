@@ -101,7 +101,8 @@ class CAML(Method):
     def __init__(self, params: CAMLParams, spec: NetSpec) -> None:
         super().__init__(params, spec)
         self.params: CAMLParams = params
-        self.net = CAMLNet(spec.in_channels, spec.num_classes, spec.n_filters, params.head_dim)
+        self.net = CAMLNet(spec.in_channels, spec.num_classes, spec.n_filters, params.head_dim, spec.norm,
+                           spec.dropout)
         # Memory bank: one row per voxel of each labelled slot's latest crop, label -1 where the voxel is not
         # stored (wrong in either model). Allocated at the first step, when the patch size is known.
         self.register_buffer("memory_features", torch.zeros(0, 0, params.head_dim))

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .blocks import Norm
 from .vnet import VNet
 
 
@@ -109,11 +110,11 @@ class CAMLNet(nn.Module):
     """f_v (transposed-conv VNet), f_a (trilinear VNet + CMA) and one projection + prediction head each."""
 
     def __init__(self, in_channels: int = 1, n_classes: int = 2, n_filters: int = 16, head_dim: int = 32,
-                 dropout: float = 0.5) -> None:
+                 norm: Norm = "batchnorm", dropout: float = 0.5, attention_dropout: float = 0.5) -> None:
         super().__init__()
-        self.f_v = VNet(in_channels, n_classes, n_filters, dropout=dropout, up="transposed")
-        self.f_a = VNet(in_channels, n_classes, n_filters, dropout=dropout, up="trilinear",
-                        x4_transform=CrossSampleAttention(8 * n_filters, dropout=dropout))
+        self.f_v = VNet(in_channels, n_classes, n_filters, norm, dropout, up="transposed")
+        self.f_a = VNet(in_channels, n_classes, n_filters, norm, dropout, up="trilinear",
+                        x4_transform=CrossSampleAttention(8 * n_filters, dropout=attention_dropout))
         self.projection_v = FeatureHead(n_filters, head_dim)
         self.projection_a = FeatureHead(n_filters, head_dim)
         self.prediction_v = FeatureHead(head_dim, head_dim)
