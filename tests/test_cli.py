@@ -49,7 +49,13 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path, tiny_synthetic: str) 
     assert card["dataset"]["split"] == "test" and len(card["dataset"]["case_ids"]) == 2
     assert card["dataset"]["labeled_ids"] == ["SYN0000", "SYN0001"]
     assert card["metrics"]["empty_policy"] == "legacy_zero" and "voxels" in card["metrics"]["units"]
-    assert card["inference"]["stride"] == [16, 16, 8]
+    assert card["inference"]["stride"] == [16, 16, 8] and card["inference"]["patch_size"] == [32, 32, 16]
+    assert card["inference"]["post_lcc"] is False and "softmax" in card["inference"]["blend"]
+    assert set(card["metrics"]["definitions"]) == {"dice", "jaccard", "hd95", "asd"}
+    assert "final checkpoint" in card["checkpoint"]["how_chosen"] and card["seed"] == 1337
+    assert card["code_version"].startswith("0.") and [c["case"] for c in summary["cases"]] == card["dataset"][
+        "case_ids"]
+    assert "checkpoint iteration 6/6 (rule: last)" in result.stdout and "empty policy legacy_zero" in result.stdout
     rows = (tmp_path / "eval" / "cases.csv").read_text().splitlines()
     assert rows[0].startswith("case,dice,jaccard,hd95,asd") and len(rows) == 3
 
@@ -96,3 +102,116 @@ def test_existing_run_folder_needs_resume(tmp_path: Path, tiny_synthetic: str) -
     semiseg(*args)
     result = semiseg(*args, check=False)
     assert result.returncode == 2 and "--resume" in result.stderr
+
+
+def test_resume_accepts_the_original_command_and_refuses_a_changed_recipe(tmp_path: Path, tiny_synthetic: str,
+                                                                          capsys, monkeypatch) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--data", tiny_synthetic, "--labeled", "2", "--iterations", "2", "--out", str(run), "--quiet",
+            *TINY]
+    assert _cli(args, capsys, monkeypatch)[0] == 0
+    code, out, _ = _cli([*args, "--resume"], capsys, monkeypatch)  # already complete: nothing to do
+    assert code == 0 and "checkpoint.pt" in out
+    err = _cli_error([*args, "--set", "lr=0.1", "--resume"], capsys, monkeypatch)
+    assert "lr (run 0.01, given 0.1)" in err
+
+
+# ---- bad input through the real entry point: one line on stderr, exit status 2, the file or key named ----------
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """Run the console-script entry point in this process: (exit status, stdout, stderr)."""
+    from semiseg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["semiseg", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code or 0, captured.out, captured.err.strip()
+
+
+def _cli_error(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    code, _, err = _cli(args, capsys, monkeypatch)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def _la_copy(root: Path, damage) -> Path:  # noqa: ANN001 - a callable on the first training case's arrays
+    """A 4 + 2 case LA-layout folder whose first training case is rewritten by `damage` (None: file removed)."""
+    from semiseg.data.layouts.la import CASES_DIR
+
+    ids = [f"C{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    for i, case_id in enumerate(ids):
+        label = np.zeros((40, 40, 32), np.uint8)
+        label[10:30, 10:30, 8:24] = 1
+        arrays = {"image": rng.standard_normal((40, 40, 32)).astype(np.float32), "label": label}
+        arrays = damage(arrays) if i == 0 else arrays
+        path = root / CASES_DIR / case_id / "mri_norm2.h5"
+        path.parent.mkdir(parents=True)
+        if arrays is None:
+            continue
+        with h5py.File(path, "w") as f:
+            for key, value in arrays.items():
+                f.create_dataset(key, data=value)
+    (root / "train.list").write_text("\n".join(ids[:4]) + "\n")
+    (root / "test.list").write_text("\n".join(ids[4:]) + "\n")
+    return root
+
+
+def _poison(value: float):  # noqa: ANN202
+    def damage(arrays: dict) -> dict:
+        arrays["image"][3, 4, 5] = value
+        return arrays
+    return damage
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda a: None, "file not found"),
+    (lambda a: {"image": a["image"]}, "no 'label' dataset"),
+    (lambda a: {"img": a["image"], "label": a["label"]}, "no 'image' dataset"),
+    (lambda a: {"image": a["image"], "label": a["label"][:, :, :30]}, "label shape (40, 40, 30) differ"),
+    (lambda a: {"image": a["image"], "label": a["label"] * 255}, "label values [0, 255] are outside 0..1"),
+    (_poison(float("nan")), "1 NaN/Inf voxels"),
+    (_poison(float("inf")), "1 NaN/Inf voxels"),
+    ("truncate", "truncated or corrupt"),
+], ids=["missing", "no-label", "no-image", "shape", "label-values", "nan", "inf", "corrupt"])
+def test_bad_training_case_is_one_line_naming_the_file(damage, message: str, tmp_path: Path, capsys,
+                                                       monkeypatch) -> None:
+    root = _la_copy(tmp_path / "data", (lambda a: a) if damage == "truncate" else damage)
+    bad = root / "2018LA_Seg_Training Set" / "C0" / "mri_norm2.h5"
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:1000])
+    err = _cli_error(["train", "--data", str(root), "--labeled", "2", "--iterations", "1", "--out",
+                      str(tmp_path / "run"), *TINY], capsys, monkeypatch)
+    assert message in err and str(bad) in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_bad_config_is_one_line_naming_the_key_or_file(tmp_path: Path, tiny_synthetic: str, capsys,
+                                                       monkeypatch) -> None:
+    base = ["train", "--data", tiny_synthetic, "--out", str(tmp_path / "run"), *TINY]
+    assert "labelled set is empty (--labeled 0)" in _cli_error([*base, "--labeled", "0"], capsys, monkeypatch)
+    assert "unknown method 'supervise' (did you mean 'supervised'?)" in _cli_error(
+        [*base, "--method", "supervise"], capsys, monkeypatch)
+    assert "unknown config key 'lrr' (did you mean 'lr'?)" in _cli_error([*base, "--set", "lrr=0.1"], capsys,
+                                                                          monkeypatch)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("lrr: 0.1\n")
+    err = _cli_error([*base, "--config", str(typo)], capsys, monkeypatch)
+    assert err.startswith(f"error: {typo}: unknown config key 'lrr'")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [1\n")
+    assert f"{broken}: not valid YAML" in _cli_error([*base, "--config", str(broken)], capsys, monkeypatch)
+    err = _cli_error([*base, "--set", "patch_size=30,30,16"], capsys, monkeypatch)
+    assert "config key 'patch_size': every patch size must be a positive multiple of 16" in err
+
+
+def test_bad_evaluate_options_are_one_line(tmp_path: Path, tiny_synthetic: str, capsys, monkeypatch) -> None:
+    assert "prediction folder not found" in _cli_error(
+        ["evaluate", "--pred", str(tmp_path / "none"), "--data", tiny_synthetic], capsys, monkeypatch)
+    assert "--empty-policy 'zero'" in _cli_error(
+        ["evaluate", "--pred", str(tmp_path), "--data", tiny_synthetic, "--empty-policy", "zero"], capsys,
+        monkeypatch)
+    assert "--checkpoint 'newest'" in _cli_error(["evaluate", str(tmp_path), "--checkpoint", "newest"], capsys,
+                                                  monkeypatch)

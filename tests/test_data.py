@@ -77,6 +77,7 @@ def _h5(path: Path, **arrays: np.ndarray) -> Path:
     ({"image": np.full((4, 4, 4), np.nan, np.float32), "label": np.zeros((4, 4, 4), np.uint8)}, "NaN/Inf"),
     ({"image": np.zeros((4, 4, 4), np.float32), "label": np.full((4, 4, 4), 0.5)}, "non-integer"),
     ({"image": np.zeros((4, 4), np.float32), "label": np.zeros((4, 4), np.uint8)}, "expected 3D"),
+    ({"image": np.zeros((0, 4, 4), np.float32), "label": np.zeros((0, 4, 4), np.uint8)}, "no voxels"),
 ])
 def test_bad_cases_name_the_file_and_the_problem(tmp_path: Path, arrays: dict, message: str) -> None:
     path = _h5(tmp_path / "case.h5", **arrays)
@@ -135,6 +136,17 @@ def test_rot_flip_moves_image_and_label_together() -> None:
         out = RandomRotFlip()({"image": image, "label": label}, np.random.default_rng(seed))
         assert np.array_equal(out["label"], (out["image"][0] % 7 == 0))
         assert out["image"].shape[-1] == 3  # rotation only in the plane of the first two spatial axes
+
+
+def test_rot_flip_stays_in_the_axial_plane_and_draws_every_rotation_and_flip() -> None:
+    image = np.arange(4 * 5 * 3, dtype=np.float32).reshape(1, 4, 5, 3)
+    seen = set()
+    for seed in range(64):
+        out = RandomRotFlip()({"image": image}, np.random.default_rng(seed))["image"][0]
+        assert np.all(np.diff(out, axis=-1) == 1)  # the depth axis is never flipped or moved
+        seen.add(out.tobytes())
+    # k in 0..3 times a flip of axis 0 or 1: 8 draws, only 4 distinct arrays (flip-x after rot k = flip-y after k+2)
+    assert len(seen) == 4
 
 
 def test_random_crop_never_draws_the_last_start_and_pads_by_the_legacy_rule() -> None:

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from semiseg.engine import metrics as m
@@ -371,3 +372,21 @@ def test_zero_padding_keeps_distances(pair, before, after):
         return
     pad = [(before, after)] * p.ndim
     assert all_distances(np.pad(p, pad), np.pad(g, pad)) == pytest.approx(all_distances(p, g))
+
+
+@pytest.mark.la
+def test_metrics_on_two_real_la_labels(la_root):
+    """On real LA masks: exact identities, the shift bound, the crop shortcut and the empty policy."""
+    from semiseg.data import open_dataset
+
+    layout = open_dataset(la_root)
+    for case_id in layout.test_ids[:2]:
+        g = layout.read_eval(case_id).label.astype(bool)
+        assert not g[:, :, :2].any() and not g[:, :, -2:].any()  # the z shift below moves no voxel off the grid
+        assert m.case_metrics(g, g) == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+        p = np.roll(g, 2, axis=2)  # the shift maps the border onto the border: every distance is at most 2
+        d_pg = m.surface_distances(p, g)
+        assert 0 < d_pg.max() <= 2 and 0 < m.hd95_legacy(p, g) <= 2 and 0 < m.asd_legacy(p, g) <= 2
+        full = ndimage.distance_transform_edt(~m._border(g))[m._border(p)]  # no crop to the union box
+        np.testing.assert_allclose(np.sort(d_pg), np.sort(full))
+        assert m.case_metrics(np.zeros_like(g), g) == {"dice": 0, "jaccard": 0, "hd95": 0, "asd": 0}

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .errors import SemisegError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Semi-supervised medical image segmentation (CAML, MLRPL, CrossMatch and baselines).")
@@ -51,16 +54,35 @@ def train(
     from .config import TrainConfig, build_config, parse_set
     from .engine.trainer import Trainer
 
-    if resume:
-        cfg = TrainConfig()  # replaced by the checkpoint's config
-    else:
+    given = any(v is not None for v in (method, data, labeled, iterations, config, preset)) or bool(set_)
+    cfg = TrainConfig()  # with --resume, replaced by the checkpoint's config
+    if given or not resume:
         overrides = parse_set(set_ or [])
         for key, value in (("data", data), ("labeled", labeled), ("iterations", iterations)):
             if value is not None:
                 overrides[key] = value
         cfg = build_config(method, config, overrides, preset)
+    if resume and given:
+        _check_same_config(cfg, out)
     checkpoint = Trainer(cfg, out, resume=resume, progress=not quiet).run()
     typer.echo(f"checkpoint: {checkpoint}")
+
+
+def _check_same_config(cfg: TrainConfig, out: Path) -> None:
+    """Re-running the original command with --resume is fine; changing the recipe mid-run is not."""
+    import yaml
+
+    from .config import TrainConfig
+
+    saved_file = out / "config.yaml"
+    if not saved_file.is_file():
+        return  # the trainer reports the missing checkpoint
+    saved = TrainConfig(**(yaml.safe_load(saved_file.read_text()) or {})).model_dump(mode="json")
+    wanted = cfg.model_dump(mode="json")
+    changed = [f"{k} (run {saved[k]!r}, given {wanted[k]!r})" for k in saved if saved[k] != wanted.get(k)]
+    if changed:
+        raise SemisegError(f"--resume continues {out} with its saved config, but the options change "
+                           f"{', '.join(changed)}; drop them, or train into a new --out")
 
 
 @app.command()
@@ -77,7 +99,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Score a model (or a folder of predictions) with the papers' metrics and a protocol card."""
-    from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_summary
+    from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_card, format_summary
 
     if pred is not None:
         if data is None:
@@ -90,7 +112,7 @@ def evaluate(
         target = out or (run if run.is_dir() else run.parent) / f"eval-{split}"
         summary = evaluate_checkpoint(run, target, data, split, checkpoint, lcc, empty_policy, device,
                                       save_predictions)
-    for line in format_summary(summary):
+    for line in [*format_summary(summary), *format_card(summary)]:
         typer.echo(line)
     typer.echo(f"protocol card and per-case metrics: {target / 'summary.json'}, {target / 'cases.csv'}")
 

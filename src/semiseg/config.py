@@ -112,7 +112,7 @@ def _describe(exc: ValidationError, what: str) -> str:
     key = ".".join(str(p) for p in first["loc"])
     if not key:  # a check across several keys
         return f"invalid configuration: {first['msg'].removeprefix('Value error, ')}"
-    return f"{what} {key!r}: {first['msg']} (got {first.get('input')!r})"
+    return f"{what} {key!r}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
 
 
 def _coerce(text: str) -> Any:
@@ -156,10 +156,17 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message reduced to one line: what went wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def build_config(method: str | None, file: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -178,8 +185,13 @@ def build_config(method: str | None, file: Path | None = None, overrides: dict[s
         apply_overrides(values, cls, dict(cls.presets[preset]))
         values["preset"] = preset
     params = file_values.pop("params", {}) or {}
-    apply_overrides(values, cls, {k: v for k, v in file_values.items() if k != "method"})
-    apply_overrides(values, cls, {f"params.{k}": v for k, v in params.items()})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{file}: 'params' must be a mapping of method parameters to values")
+    try:
+        apply_overrides(values, cls, {k: v for k, v in file_values.items() if k != "method"})
+        apply_overrides(values, cls, {f"params.{k}": v for k, v in params.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
     apply_overrides(values, cls, overrides or {})
     try:
         config = TrainConfig(**values)

@@ -56,10 +56,12 @@ def validate_case(case: Case, num_classes: int, spatial_dims: int = 3) -> Case:
     elif image.ndim != spatial_dims + 1:
         raise DataError(f"{case.path}: image has shape {image.shape}; expected {spatial_dims}D "
                         "(optionally with a leading channel axis)")
+    if image.size == 0:
+        raise DataError(f"{case.path}: image has shape {image.shape} with no voxels; regenerate the file")
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise DataError(f"{case.path}: image has {bad} NaN/Inf voxels; fix the preprocessing "
-                        "(e.g. replace them with 0) before training")
+                        "(e.g. replace them with 0) and write the file again")
     label = case.label
     if label is not None:
         if label.shape != image.shape[1:]:
@@ -69,8 +71,9 @@ def validate_case(case: Case, num_classes: int, spatial_dims: int = 3) -> Case:
             raise DataError(f"{case.path}: label holds non-integer values; labels must be class indices")
         values = np.unique(label)
         if values.min() < 0 or values.max() >= num_classes:
-            raise DataError(f"{case.path}: label values {values.tolist()} are outside 0..{num_classes - 1}; "
-                            f"set num_classes (now {num_classes}) or fix the label map")
+            raise DataError(f"{case.path}: label values {values.tolist()} are outside 0..{num_classes - 1} "
+                            f"(the dataset has {num_classes} classes); map them to class indices, e.g. 255 -> 1 "
+                            "for a binary mask")
         label = label.astype(np.uint8)
     return Case(case.case_id, np.ascontiguousarray(image, dtype=np.float32), label, case.path)
 

@@ -19,21 +19,28 @@ import numpy as np
 from .. import __version__
 from ..config import TrainConfig
 from ..data import Layout, open_dataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..methods.base import NetSpec
 from .checkpoint import load_checkpoint
 from .inference import predict_volume
-from .metrics import METRIC_DEFINITIONS, case_metrics, summarize
+from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
 from .trainer import BEST, CHECKPOINT, build_method, inference_protocol, resolve_device
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
+# How each checkpoint rule chose the weights, stated in the protocol card (protocol.md section 6).
+CHECKPOINT_RULES = {
+    "last": "the run's final checkpoint, no selection (the honest default for LA / Pancreas)",
+    "best_on_val": "highest mean foreground Dice on the declared validation cases, disjoint from the test set",
+    "best": "highest mean foreground Dice on the declared validation cases, disjoint from the test set",
+    "given file": "the checkpoint file named on the command line",
+}
 
 
 def code_version() -> str:
-    """semiseg version plus the git commit when run from a checkout."""
+    """semiseg version plus the git commit when run from a checkout, marked `.dirty` with uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        commit = subprocess.run(["git", "describe", "--always", "--dirty=.dirty", "--exclude=*"],
+                                capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{__version__}+{commit}" if commit else __version__
@@ -42,6 +49,8 @@ def code_version() -> str:
 def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
     """A run folder becomes the checkpoint its selection rule names; returns (file, rule)."""
     path = Path(path)
+    if which not in ("auto", "last", "best"):
+        raise ConfigError(f"--checkpoint {which!r}: use auto (the run's rule), last or best")
     if path.is_file():
         return path, "given file"
     if not path.is_dir():
@@ -95,6 +104,12 @@ def _split_ids(layout: Layout, cfg: TrainConfig | None, split: str) -> list[str]
     raise DataError(f"unknown split {split!r}; use test or val")
 
 
+def _checked_policy(empty_policy: str) -> str:
+    if empty_policy not in EMPTY_POLICIES:
+        raise ConfigError(f"--empty-policy {empty_policy!r}: use one of {', '.join(EMPTY_POLICIES)}")
+    return empty_policy
+
+
 def _metric_card(empty_policy: str) -> dict[str, Any]:
     return {"definitions": {m: METRIC_DEFINITIONS[m] for m in METRICS}, "units": "voxels (spacing 1 on every axis)",
             "empty_policy": empty_policy,
@@ -112,7 +127,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
     cfg = TrainConfig(**payload["config"])
     if post_lcc is not None:
         cfg.post_lcc = post_lcc
-    policy = empty_policy or cfg.empty_policy
+    policy = _checked_policy(empty_policy or cfg.empty_policy)
     layout = open_dataset(data or cfg.data, cfg.layout)
     ids = _split_ids(layout, cfg, split)
     dev = resolve_device(device)
@@ -133,6 +148,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
             _save_prediction(out / "predictions" / f"{case_id}.h5", pred)
         rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy)})
     train_split = layout.split(cfg.labeled, cfg.val)
+    best = payload.get("best") or {}
     card = {
         "dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
                     "class_names": list(layout.class_names),
@@ -141,7 +157,10 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
         "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: inference_network()"},
         "metrics": _metric_card(policy),
         "checkpoint": {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
-                       "rule": rule, "complete": payload["iteration"] >= cfg.iterations},
+                       "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
+                       "run_selection_rule": cfg.checkpoint_selection,
+                       "best_val": best if best.get("iteration") else None,
+                       "complete": payload["iteration"] >= cfg.iterations},
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "code_version": code_version(),
     }
     return write_report(out, rows, card)
@@ -177,6 +196,10 @@ def read_prediction(folder: Path, case_id: str) -> np.ndarray:
 def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "test",
                          empty_policy: str = "legacy_zero") -> dict[str, Any]:
     """Score existing label maps against the dataset's labels (like nnU-Net's evaluate_folder)."""
+    _checked_policy(empty_policy)
+    if not Path(pred_dir).is_dir():
+        raise DataError(f"{pred_dir}: prediction folder not found; pass --pred with a folder of label maps named "
+                        "by case id (<id>.h5, <id>.nii.gz or <id>.nii)")
     layout = open_dataset(data)
     ids = _split_ids(layout, None, split)
     rows = []
@@ -203,3 +226,21 @@ def format_summary(summary: dict[str, Any]) -> Iterable[str]:
         if f"dice_class{c}" in summary["metrics"]:
             values = "  ".join(f"{m} {summary['metrics'][f'{m}_class{c}']['mean']:.4f}" for m in METRICS)
             yield f"{names[c]:8s} {values}"
+
+
+def format_card(summary: dict[str, Any]) -> Iterable[str]:
+    """The protocol card in brief, so a printed table is never separated from how it was obtained."""
+    card = summary["protocol"]
+    data, metrics = card["dataset"], card["metrics"]
+    yield f"split    {data['split']}: {len(data['case_ids'])} cases of {data['root']} ({data['layout']})"
+    if "checkpoint" in card:
+        ckpt, inf = card["checkpoint"], card["inference"]
+        yield (f"model    {card['method']}, {len(data['labeled_ids'])} labelled, seed {card['seed']}; checkpoint "
+               f"iteration {ckpt['iteration']}/{ckpt['of']} (rule: {ckpt['rule']})")
+        sizes = "x".join(map(str, inf["patch_size"]))
+        window = f"{inf['mode']} {sizes}, stride {'x'.join(map(str, inf['stride']))}"
+        yield f"infer    {window}, mean softmax, argmax, largest component {'on' if inf['post_lcc'] else 'off'}"
+    else:
+        yield f"preds    {card['predictions']}"
+    yield f"metrics  medpy-compatible (pooled HD95, directed ASD), {metrics['units']}, empty policy " \
+          f"{metrics['empty_policy']}; code {card['code_version']}"
