@@ -58,3 +58,45 @@ def _init_state(data: str) -> dict[str, torch.Tensor]:
                                              "labeled": 4})
     seed_everything(cfg.seed)
     return setup(cfg).method.state_dict()
+
+
+PROBE_SETS = ["labeled=4", "iterations=4", "patch_size=32,32,16", "n_filters=4", "num_workers=0", "log_every=2",
+              "checkpoint_every=4", "batch_labeled=1", "batch_unlabeled=1", "seed=5"]
+
+
+def _ranks(tmp_path: Path, method: str, data: str, *sets: str) -> tuple[dict, dict]:
+    """Train `method` on 2 gloo processes; return each rank's final method state."""
+    out = tmp_path / method
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(Path(__file__).with_name("ddp_probe.py")), str(out), method, data, *PROBE_SETS, *sets],
+                   check=True, env=ENV, timeout=600)
+    return (torch.load(out / "state-rank0.pt", weights_only=True),
+            torch.load(out / "state-rank1.pt", weights_only=True))
+
+
+def _learnt(state: dict) -> dict:
+    """Weights and biases: what gradients (averaged across ranks) and EMA updates produce."""
+    return {k: v for k, v in state.items() if k.endswith(("weight", "bias", "in_proj_weight", "in_proj_bias"))}
+
+
+def test_ema_teacher_stays_identical_across_ranks(tmp_path: Path, tiny_synthetic: str) -> None:
+    rank0, rank1 = _ranks(tmp_path, "mean_teacher", tiny_synthetic)
+    learnt0, learnt1 = _learnt(rank0), _learnt(rank1)
+    assert any(k.startswith("teacher.") for k in learnt0)
+    for key in learnt0:
+        assert torch.equal(learnt0[key], learnt1[key]), key
+
+
+def test_caml_memory_bank_follows_rank_0(tmp_path: Path, tiny_synthetic: str) -> None:
+    """DDP broadcasts rank 0's buffers before every forward, so the ranks' banks differ only in the slots that
+    the last step wrote (each rank writes its own labelled sample after the broadcast)."""
+    from semiseg.data.loader import stream_index
+
+    rank0, rank1 = _ranks(tmp_path, "caml", tiny_synthetic)
+    for key in _learnt(rank0):
+        assert torch.equal(rank0[key], rank1[key]), key
+    last_step = {stream_index(5, 0, 3 * 2 + slot, 4) for slot in range(2)}  # iteration 3 (0-based), 2 ranks x 1
+    kept = [s for s in range(4) if s not in last_step]
+    assert kept and (rank0["memory_labels"][kept] >= 0).any()  # something to compare
+    assert torch.equal(rank0["memory_labels"][kept], rank1["memory_labels"][kept])
+    assert torch.equal(rank0["memory_features"][kept], rank1["memory_features"][kept])
