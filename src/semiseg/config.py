@@ -52,13 +52,17 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = 1000
     log_every: int = 20
     val_every: int = 200
-    checkpoint_selection: Literal["last", "best_on_val"] = "last"
+    val_start: int = 0  # first iteration at which validation runs (the official CAML / SSL4MIS monitors from 800)
+    # best_on_test reproduces the official codes' checkpoint choice on the test set; it leaks the test set
+    checkpoint_selection: Literal["last", "best_on_val", "best_on_test"] = "last"
     post_lcc: bool = False
     empty_policy: Literal["legacy_zero", "nan", "penalty"] = "legacy_zero"
     device: str = "auto"
     amp: bool = True
     channels_last: Literal["auto", "on", "off"] = "auto"  # channels-last 3D layout; auto = on for CUDA
     cudnn_benchmark: bool = True  # cuDNN autotuning on CUDA (fixed patch sizes make it pay off)
+    # torch.compile of the method's networks (`Method.compiled_networks`); a torch.compile mode, or off
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     sync_bn: bool = False  # multi-GPU: synchronise BatchNorm statistics across processes (CUDA only)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run, or skip that update
     num_workers: int = 2
@@ -94,6 +98,13 @@ class TrainConfig(BaseModel):
                                                                                            self.patch_size)):
             raise ValueError(f"stride {self.stride} must lie between 1 and the patch size {self.patch_size} on every "
                              "axis (a larger stride leaves voxels no window covers)")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_has_cases(self) -> TrainConfig:
+        if self.checkpoint_selection == "best_on_val" and self.val <= 0:
+            raise ValueError("checkpoint_selection=best_on_val needs validation cases: pass --set val=N (cases taken "
+                             "from the training list, or the dataset's declared validation list)")
         return self
 
     def method_class(self) -> type[Method]:

@@ -144,6 +144,28 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop the records after `iteration`: a run killed after its last checkpoint logged iterations that the
+    resumed run repeats, and its log must read as one uninterrupted run."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def compile_networks(method: Method, mode: str) -> None:
+    """torch.compile each of the method's networks in place (`nn.Module.compile`: state_dict keys unchanged, so
+    checkpoints stay interchangeable with uncompiled runs)."""
+    if mode == "off":
+        return
+    for net in method.compiled_networks():
+        net.compile(mode=mode)
+
+
 class Trainer:
     """Runs one configured training into `out` (config, logs, checkpoints, TensorBoard).
 
@@ -207,13 +229,25 @@ class Trainer:
         return TwoStreamBatches(labeled, unlabeled, cfg.batch_labeled, cfg.batch_unlabeled, transform, cfg.seed,
                                 self.start, cfg.iterations, self.dist.rank, self.dist.world)
 
+    @property
+    def selection_cases(self) -> list[str]:
+        """Cases the checkpoint is chosen on: the validation cases, or the test cases for the official codes'
+        `best_on_test` (a quirk that leaks the test set, kept only to reproduce their numbers)."""
+        return self.s.split.test if self.cfg.checkpoint_selection == "best_on_test" else self.s.split.val
+
+    def _validating(self, iteration: int) -> bool:
+        cfg = self.cfg
+        wanted = cfg.val > 0 or cfg.checkpoint_selection == "best_on_test"
+        return wanted and cfg.val_every > 0 and iteration >= cfg.val_start and (
+            iteration % cfg.val_every == 0 or iteration == cfg.iterations)
+
     def validate(self) -> float:
-        """Mean foreground Dice on the validation cases (never the test cases)."""
+        """Mean foreground Dice on `selection_cases`."""
         method, device = self.s.method, self.s.device
         net = method.inference_network()
         method.eval()
         scores = []
-        for case_id in self.s.split.val:
+        for case_id in self.selection_cases:
             case = self.s.layout.read_eval(case_id)
             pred = predict_volume(net, case.image, inference_protocol(self.cfg, self.s.layout), device)
             scores.append(float(np.mean([dice(pred == c, case.label == c)
@@ -239,6 +273,8 @@ class Trainer:
         cfg, method, optimizer, device = self.cfg, self.s.method, self.s.optimizer, self.s.device
         if self.start >= cfg.iterations:
             return self.out / CHECKPOINT
+        resets = set(method.optimizer_resets())
+        compile_networks(method, cfg.compile)
         model = self._model()
         channels_last = uses_channels_last(cfg, device, self.s.method.spec.spatial_dims)
         loader = batch_loader(self._batches(), cfg.num_workers, pin_memory=device.type == "cuda")
@@ -249,7 +285,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
-            log_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+            log_path = self.out / "metrics.jsonl"
+            truncate_log(log_path, self.start)
+            log_file = open(log_path, "a")  # noqa: SIM115 - closed in finally
         method.train()
         t0 = time.perf_counter()
         t_window, done_in_window = t0, 0
@@ -259,6 +297,8 @@ class Trainer:
         try:
             for iteration, batch in enumerate(loader, start=self.start + 1):
                 ctx = StepContext(iteration, cfg.iterations, len(self.s.split.labeled))
+                if iteration - 1 in resets:
+                    optimizer.state.clear()  # a fresh optimiser for the method's next stage (e.g. BCP)
                 lr = learning_rate(cfg, iteration)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -302,8 +342,7 @@ class Trainer:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
                         progress.update(iteration, record)
-                if cfg.val > 0 and cfg.val_every > 0 and (iteration % cfg.val_every == 0
-                                                          or iteration == cfg.iterations):
+                if self._validating(iteration):
                     improved = False
                     if main:  # evaluation once, on rank 0
                         score = self.validate()
@@ -326,6 +365,8 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         if main:
             summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed,
+                       "checkpoint_selection": cfg.checkpoint_selection,
+                       "selection_cases": len(self.selection_cases) if self._validating(cfg.iterations) else 0,
                        "s_per_it": elapsed / max(cfg.iterations - self.start, 1),
                        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "world_size": self.dist.world,
                        "skipped_updates": int(skipped), "best_val": self.best}

@@ -83,6 +83,18 @@ class Method(nn.Module, ABC):
     def after_step(self, ctx: StepContext) -> None:
         """Called after each optimiser step (EMA teachers update here)."""
 
+    def optimizer_resets(self) -> tuple[int, ...]:
+        """Iterations after which the optimiser starts afresh (momentum cleared), e.g. at a stage switch."""
+        return ()
+
+    def compiled_networks(self) -> list[nn.Module]:
+        """Modules whose forward `--set compile=...` compiles: by default every child module with parameters."""
+        return [m for m in self.children() if any(True for _ in m.parameters())]
+
+    def evaluated_output(self) -> str:
+        """What `inference_network` scores, in words, for the protocol card."""
+        return "the method's single network"
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters given to the optimiser (EMA teachers are excluded by overriding this)."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -192,5 +192,12 @@ class BCP(Method):
         if ctx.iteration > self.params.pretrain_iterations:
             self.teacher.update(self.net, ctx.iteration)
 
+    def optimizer_resets(self) -> tuple[int, ...]:
+        """Self-training starts with a fresh SGD optimiser, as the official script builds a new one (B2)."""
+        return (self.params.pretrain_iterations,)
+
     def inference_network(self) -> nn.Module:
         return self.net
+
+    def evaluated_output(self) -> str:
+        return "the student VNet (not the EMA teacher)"

@@ -111,6 +111,9 @@ class CAML(Method):
     def inference_network(self) -> nn.Module:
         return self.net.f_v
 
+    def evaluated_output(self) -> str:
+        return "f_v (the transposed-conv VNet; f_a and the heads are training-only)"
+
     def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         p = self.params
         out = self.net(batch.images)

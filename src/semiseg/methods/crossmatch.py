@@ -249,3 +249,6 @@ class CrossMatch(Method):
 
     def inference_network(self) -> nn.Module:
         return self.net.net
+
+    def evaluated_output(self) -> str:
+        return "the network's clean path (no feature dropout)"

@@ -76,6 +76,9 @@ class MCNet(Method):
         """Decoder 1 (transposed convolutions), the output the official test script reports."""
         return self.net
 
+    def evaluated_output(self) -> str:
+        return "decoder 1 (transposed convolutions) of the shared-encoder network"
+
 
 @register
 class MCNetPlus(MCNet):

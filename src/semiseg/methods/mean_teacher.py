@@ -87,3 +87,6 @@ class MeanTeacher(Method):
 
     def inference_network(self) -> nn.Module:
         return self.net
+
+    def evaluated_output(self) -> str:
+        return "the student VNet (not the EMA teacher)"

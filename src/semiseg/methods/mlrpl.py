@@ -194,3 +194,8 @@ class MLRPL(Method):
         if self.params.eval_output == "decoder1":
             return self.net
         return DecoderAverage(self.net, self.params.average_output_mode)
+
+    def evaluated_output(self) -> str:
+        if self.params.eval_output == "decoder1":
+            return "decoder 1 (transposed convolutions) of the shared-encoder network"
+        return f"average of both decoders ({self.params.average_output_mode})"
