@@ -41,6 +41,7 @@ RESULTS = REPO / "benchmarks" / "results" / "paper_protocol.json"
 
 
 def run(method: str, labeled: int, data: str, work: Path) -> dict:
+    """Train (or continue) and evaluate one run."""
     from semiseg.methods import get_method
 
     out = work / f"{method}-la{labeled}"
@@ -62,7 +63,8 @@ def run(method: str, labeled: int, data: str, work: Path) -> dict:
     return {"method": method, "labeled": labeled, "preset": summary["protocol"].get("preset"),
             "checkpoint": summary["protocol"]["checkpoint"], **{k: m[k]["mean"] for k in ("dice", "jaccard", "hd95",
                                                                                           "asd")},
-            "this_call_wall_s": wall, "train_s_per_it": train["s_per_it"], "device": train["device"],
+            "this_call_wall_s": wall, "total_wall_s": train["total_wall_s"],
+            "train_s_per_it": train["s_per_it"], "device": train["device"],
             "published": PUBLISHED.get((method, labeled), "-"), "stamp": stamp()}
 
 
@@ -85,10 +87,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     rows = [[r["method"], str(r["labeled"]), f"{100 * r['dice']:.2f} / {100 * r['jaccard']:.2f} / {r['hd95']:.2f} / "
              f"{r['asd']:.2f}", r["published"], f"{r['checkpoint']['iteration']}/{r['checkpoint']['of']} "
-             f"({r['checkpoint']['rule']})", f"{r['train_s_per_it']:.3f}", r["device"], r["stamp"]]
+             f"({r['checkpoint']['rule']})", f"{r['train_s_per_it']:.3f}", f"{r.get('total_wall_s', 0) / 60:.1f}",
+             r["device"], r["stamp"]]
             for r in results.values()]
     table = markdown_table(["method", "labelled", "ours: Dice / Jac / HD95 / ASD", "published", "checkpoint",
-                            "s/it", "device", "run stamp"], rows)
+                            "s/it", "training wall min (all calls)", "device", "run stamp"], rows)
     update_section("paper-protocol", "Command: `python benchmarks/paper_protocol.py --methods ... --labeled 8 16`\n\n"
                    + table + "\n")
 

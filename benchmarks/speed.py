@@ -2,7 +2,9 @@
 
 For each method, in a fresh process (so peak memory is its own), at a mid-run iteration (ramps at full weight,
 BCP in its self-training stage): time to build one batch (data loading and
-augmentation), time of one full training step (forward + backward + optimiser, synchronised on GPU), and the
+augmentation), time of one full training step split into the method's forward (`train_step`: networks,
+teachers, augmentation, pseudo-labels, losses), the backward pass, and the update (optimiser step plus the method's
+`after_step`, e.g. EMA teachers), each synchronised on GPU, and the
 inference time of the evaluated network on LA test volumes at the protocol stride 18/18/4, metrics included.
 
     python benchmarks/speed.py --methods supervised caml mlrpl --data ../shared/data/LA --steps 3 --infer-cases 2
@@ -56,29 +58,36 @@ def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, d
     data_s = (time.perf_counter() - t0) / len(prepared)
     method_obj, opt = s.method, s.optimizer
     method_obj.train()
-    step_times = []
+    parts = {"forward": [], "backward": [], "update": []}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
                                                                                                     enabled=False)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for i, batch in enumerate(prepared):
         _sync(dev)
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         batch = batch.to(dev)
         ctx = StepContext(cfg.iterations // 2 + i, cfg.iterations, len(lab))  # mid-run: full ramps, BCP stage 2
         with autocast:
             out = method_obj.train_step(batch, ctx)
+        _sync(dev)
+        t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        _sync(dev)
+        t2 = time.perf_counter()
         opt.step()
         method_obj.after_step(ctx)
         _sync(dev)
         if i >= warmup:
-            step_times.append(time.perf_counter() - t)
+            for key, value in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                parts[key].append(value)
     train_peak = peak_memory_mb(dev)
+    mean = {key: sum(values) / len(values) for key, values in parts.items()}
     result = {"method": method, "preset": preset, "device": str(dev), "patch": list(cfg.patch_size),
               "batch": f"{cfg.batch_labeled}+{cfg.batch_unlabeled}", "params": count_parameters(method_obj),
-              "data_s_per_batch": data_s, "step_s": sum(step_times) / len(step_times), "steps": len(step_times),
+              "data_s_per_batch": data_s, "step_s": sum(mean.values()), "forward_s": mean["forward"],
+              "backward_s": mean["backward"], "update_s": mean["update"], "steps": len(parts["forward"]),
               "train_peak_mb": train_peak}
     if infer_cases:
         net = method_obj.inference_network()
@@ -132,11 +141,13 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps({"stamp": stamp(), "results": results}, indent=1))
     rows = [[r["method"], r["preset"] or "-", r["batch"], f"{r['params']:,}", f"{r['data_s_per_batch']:.3f}",
-             f"{r['step_s']:.2f}", f"{r['train_peak_mb']:.0f}",
+             f"{r['step_s']:.2f}", f"{r['forward_s']:.2f}", f"{r['backward_s']:.2f}", f"{r['update_s']:.3f}",
+             f"{r['train_peak_mb']:.0f}",
              f"{r['infer_s_per_volume']:.1f} ({r['infer_volumes']})" if "infer_s_per_volume" in r else "not measured"]
             for r in results]
     table = markdown_table(["method", "preset", "batch (L+U)", "params", "data s/batch", "step s/it",
-                            "peak MB (train)", "inference s/volume (volumes)"], rows)
+                            "of which forward s", "backward s", "optimiser + EMA s", "peak MB (train)",
+                            "inference s/volume (volumes)"], rows)
     sets = "".join(f" --set {o}" for o in args.overrides)
     methods = " --methods " + " ".join(args.methods) if args.methods else ""
     tag = f" --tag {args.tag}" if args.tag else ""

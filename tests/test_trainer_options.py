@@ -90,3 +90,16 @@ def test_truncate_log_drops_records_after_the_checkpoint(tmp_path: Path) -> None
     truncate_log(log, 4)
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
     truncate_log(tmp_path / "absent.jsonl", 3)  # a fresh run has no log yet
+
+
+def test_training_wall_time_adds_up_over_resumed_calls(tmp_path: Path, tiny_synthetic: str) -> None:
+    from semiseg.engine.checkpoint import save_checkpoint
+
+    run = _train(tmp_path, tiny_synthetic, iterations=2, batch_unlabeled=0)
+    payload = load_checkpoint(run / "checkpoint.pt")
+    assert 0 < payload["wall_s"] < 100
+    payload.update(iteration=1, wall_s=100.0)  # as if an earlier call had trained 100 s up to iteration 1
+    save_checkpoint(run / "checkpoint.pt", payload)
+    Trainer(build_config("supervised", None, {}), run, resume=True, progress=False).run()
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["iterations"] == 1 and summary["total_wall_s"] > 100 > summary["wall_s"]

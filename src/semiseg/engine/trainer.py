@@ -194,11 +194,14 @@ class Trainer:
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # independent dropout and sampling per process
         self.start = 0
+        self.wall_before = 0.0  # training wall time of the earlier calls of a resumed run, up to its checkpoint
+        self._t0 = time.perf_counter()
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
         if self.state is not None:
             self.s.method.load_state_dict(self.state["method"])
             self.s.optimizer.load_state_dict(self.state["optimizer"])
             self.start = int(self.state["iteration"])
+            self.wall_before = float(self.state.get("wall_s", 0.0))
             self.best = dict(self.state.get("best", self.best))
             rng = self.state["rng"]
             _restore_rng(rng[self.dist.rank] if isinstance(rng, list) and len(rng) == self.dist.world else
@@ -213,6 +216,7 @@ class Trainer:
                 "spec": asdict(self.s.method.spec),
                 "method": self.s.method.state_dict(), "optimizer": self.s.optimizer.state_dict(),
                 "rng": rng if self.dist.enabled else rng[0], "best": self.best, "world_size": self.dist.world,
+                "wall_s": self.wall_before + time.perf_counter() - self._t0,
                 "semiseg_version": __version__}
 
     def _save(self, name: str, iteration: int) -> None:
@@ -289,7 +293,7 @@ class Trainer:
             truncate_log(log_path, self.start)
             log_file = open(log_path, "a")  # noqa: SIM115 - closed in finally
         method.train()
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         t_window, done_in_window = t0, 0
         last_saved = self.start
         first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite update, kept on device
@@ -365,6 +369,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         if main:
             summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed,
+                       "total_wall_s": self.wall_before + elapsed,
                        "checkpoint_selection": cfg.checkpoint_selection,
                        "selection_cases": len(self.selection_cases) if self._validating(cfg.iterations) else 0,
                        "s_per_it": elapsed / max(cfg.iterations - self.start, 1),
