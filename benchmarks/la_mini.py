@@ -121,10 +121,10 @@ def main() -> None:
                 writer.writeheader()
             writer.writerow(row)
         print(json.dumps(row), flush=True)
-    render()
+    print(render())
 
 
-def render() -> None:
+def render() -> str:
     """Markdown table of the latest row per (method, labelled, iterations) in la_mini.csv."""
     rows = {}
     with open(RESULTS / "la_mini.csv") as f:
@@ -141,6 +141,7 @@ def render() -> None:
     update_section("la-mini", "Command: `python benchmarks/la_mini.py --methods METHOD ... --iterations N` "
                    "(rows are the latest run of each setting; every row's machine, commit and date is in its stamp)."
                    f"\n\n{table}\n")
+    return table
 
 
 if __name__ == "__main__":
