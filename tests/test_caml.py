@@ -392,7 +392,7 @@ def test_train_and_evaluate_through_the_engine(tmp_path: Path, tiny_synthetic: s
     assert (state["memory_labels"] >= 0).sum() > 0
     summary = evaluate_checkpoint(tmp_path / "run", tmp_path / "eval")
     assert len(summary["cases"]) == 2
-    assert summary["protocol"]["inference"]["evaluated_output"] == "caml: inference_network()"
+    assert summary["protocol"]["inference"]["evaluated_output"].startswith("caml: f_v")
 
 
 @pytest.mark.la
