@@ -215,3 +215,13 @@ def test_bad_evaluate_options_are_one_line(tmp_path: Path, tiny_synthetic: str, 
         monkeypatch)
     assert "--checkpoint 'newest'" in _cli_error(["evaluate", str(tmp_path), "--checkpoint", "newest"], capsys,
                                                   monkeypatch)
+
+
+def test_demo_trains_and_evaluates_on_the_embedded_synthetic_data(tmp_path: Path) -> None:
+    """The README's quick start (`make demo` runs `semiseg demo`), at a 2-iteration budget."""
+    run = tmp_path / "demo"
+    result = semiseg("demo", "--out", str(run), "--iterations", "2")
+    assert "mlrpl on synthetic data, 4 labelled + 16 unlabelled cases, 2 iterations, 4 test cases" in result.stdout
+    assert "dice" in result.stdout and (run / "eval-test" / "summary.json").is_file()
+    summary = json.loads((run / "eval-test" / "summary.json").read_text())
+    assert summary["protocol"]["checkpoint"]["iteration"] == 2 and len(summary["cases"]) == 4
