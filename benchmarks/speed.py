@@ -101,6 +101,7 @@ def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, d
             pred = predict_volume(net, case.image, protocol, dev)
             case_metrics(pred == 1, case.label == 1)
             times.append(time.perf_counter() - t)
+            print(f"{method}: {case_id} inferred and scored in {times[-1]:.1f} s", file=sys.stderr, flush=True)
         result.update({"infer_s_per_volume": sum(times) / len(times), "infer_volumes": len(times),
                        "peak_mb": peak_memory_mb(dev)})
     return result
