@@ -131,9 +131,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", name, "--data", args.data, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--infer-cases", str(args.infer_cases), "--device", args.device,
                *[f"--set={o}" for o in args.overrides]]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's stderr (progress) passes through
         if proc.returncode != 0:
-            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"{name}: failed (exit {proc.returncode}; its error is above)", file=sys.stderr)
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
