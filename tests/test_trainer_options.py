@@ -38,6 +38,8 @@ def test_best_on_test_selects_on_the_test_cases_and_says_so(tmp_path: Path, tiny
     card = evaluate_checkpoint(run, tmp_path / "eval")["protocol"]
     assert card["checkpoint"]["rule"] == "best_on_test" and "TEST cases" in card["checkpoint"]["how_chosen"]
     assert card["inference"]["evaluated_output"] == "supervised: the method's single network"
+    best = evaluate_checkpoint(run, tmp_path / "eval-best", None, "test", "best")["protocol"]["checkpoint"]
+    assert best["rule"] == "best_on_test"  # `--checkpoint best` names the cases the best was chosen on
 
 
 def test_best_on_val_needs_validation_cases() -> None:

@@ -31,11 +31,11 @@ METRICS = ("dice", "jaccard", "hd95", "asd")
 CHECKPOINT_RULES = {
     "last": "the run's final checkpoint, no selection (the honest default for LA / Pancreas)",
     "best_on_val": "highest mean foreground Dice on the declared validation cases, disjoint from the test set",
-    "best": "highest mean foreground Dice on the declared validation cases, disjoint from the test set",
     "best_on_test": "highest mean foreground Dice on the TEST cases (the official codes' quirk: the test set "
                     "leaks into the choice; for reproducing their numbers only, not an honest estimate)",
     "given file": "the checkpoint file named on the command line",
 }
+CHECKPOINT_RULES["best"] = CHECKPOINT_RULES["best_on_val"]  # `--checkpoint best` of a run without a rule recorded
 
 
 def code_version() -> str:
@@ -57,15 +57,15 @@ def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
         return path, "given file"
     if not path.is_dir():
         raise DataError(f"{path}: neither a run folder nor a checkpoint file")
-    rule = which
-    if which == "auto":
-        cfg_file = path / "config.yaml"
-        rule = "last"
-        if cfg_file.is_file():
-            import yaml
+    run_rule = "last"
+    cfg_file = path / "config.yaml"
+    if cfg_file.is_file():
+        import yaml
 
-            rule = (yaml.safe_load(cfg_file.read_text()) or {}).get("checkpoint_selection", "last")
-    name = BEST if rule in ("best", "best_on_val", "best_on_test") else CHECKPOINT
+        run_rule = (yaml.safe_load(cfg_file.read_text()) or {}).get("checkpoint_selection", "last")
+    # `best` is the run's own best checkpoint, so the card names the cases it was chosen on.
+    rule = run_rule if which == "auto" or (which == "best" and run_rule.startswith("best_")) else which
+    name = BEST if rule.startswith("best") else CHECKPOINT
     return path / name, rule
 
 

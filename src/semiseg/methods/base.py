@@ -89,7 +89,7 @@ class Method(nn.Module, ABC):
 
     def compiled_networks(self) -> list[nn.Module]:
         """Modules whose forward `--set compile=...` compiles: by default every child module with parameters."""
-        return [m for m in self.children() if any(True for _ in m.parameters())]
+        return [m for m in self.children() if next(m.parameters(), None) is not None]
 
     def evaluated_output(self) -> str:
         """What `inference_network` scores, in words, for the protocol card."""
