@@ -80,6 +80,7 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path, tiny_synthetic: str) 
     (["train", "--data", "/does/not/exist"], "data folder not found"),
     (["train", "--set", "lr=abc"], "config key 'lr'"),
     (["evaluate", "/does/not/exist.pt"], "neither a run folder nor a checkpoint"),
+    (["evaluate", "/does/not/exist.pt", "--spacing", "0.6,-1,1"], "--spacing '0.6,-1,1': give one positive size"),
 ])
 def test_user_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
     result = semiseg(*args, "--out", "/tmp/semiseg-never", check=False) if args[0] == "train" else semiseg(
@@ -225,3 +226,29 @@ def test_demo_trains_and_evaluates_on_the_embedded_synthetic_data(tmp_path: Path
     assert "dice" in result.stdout and (run / "eval-test" / "summary.json").is_file()
     summary = json.loads((run / "eval-test" / "summary.json").read_text())
     assert summary["protocol"]["checkpoint"]["iteration"] == 2 and len(summary["cases"]) == 4
+
+
+def test_evaluate_spacing_gives_distances_in_mm(tmp_path: Path, tiny_synthetic: str) -> None:
+    """Without --spacing distances are in voxels (the papers); with it they scale by the voxel size."""
+    from semiseg.data import open_dataset
+
+    layout = open_dataset(tiny_synthetic)
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    for case_id in layout.test_ids:
+        with h5py.File(predictions / f"{case_id}.h5", "w") as f:
+            f.create_dataset("label", data=np.roll(layout.read_eval(case_id).label, 2, axis=0))
+    summaries = {}
+    for name, extra in (("vox", []), ("mm", ["--spacing", "0.5,0.5,0.5"])):
+        out = semiseg("evaluate", "--pred", str(predictions), "--data", tiny_synthetic, "--out",
+                      str(tmp_path / name), *extra).stdout
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        assert ("mm (voxel spacing 0.5x0.5x0.5" in out) == (name == "mm")
+    vox, mm = (summaries[k]["metrics"] for k in ("vox", "mm"))
+    assert vox["hd95"]["mean"] > 0 and mm["hd95"]["mean"] == pytest.approx(vox["hd95"]["mean"] / 2)
+    assert mm["asd"]["mean"] == pytest.approx(vox["asd"]["mean"] / 2)
+    assert mm["dice"]["mean"] == vox["dice"]["mean"]
+    assert summaries["mm"]["protocol"]["metrics"]["units"].startswith("mm")
+    wrong = semiseg("evaluate", "--pred", str(predictions), "--data", tiny_synthetic, "--out",
+                    str(tmp_path / "bad"), "--spacing", "1,1", check=False)
+    assert wrong.returncode == 2 and "--spacing has 2 values" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -115,6 +115,25 @@ def test_full_output_folder_is_reported_before_training(tmp_path: Path, tiny_syn
     assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before anything else was written
 
 
+def test_too_little_disk_for_the_checkpoints_is_reported_before_training(tmp_path: Path, tiny_synthetic: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 1 KiB write probe passes on a nearly full disk; the free space is checked against the model size."""
+    from semiseg.engine import checkpoint
+
+    trainer = Trainer(_cfg("supervised", tiny_synthetic), tmp_path / "first", progress=False)
+    trainer.run()
+    actual = (tmp_path / "first" / "checkpoint.pt").stat().st_size
+    estimate = checkpoint.checkpoint_bytes(trainer.s.method, trainer.s.optimizer)
+    assert 0.8 * actual < estimate <= actual  # weights + momentum; the file adds config and RNG states
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=estimate))
+    with pytest.raises(CheckpointError, match=r"MiB free, but this run needs .* free disk space or choose"):
+        Trainer(_cfg("supervised", tiny_synthetic), tmp_path / "run", progress=False)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=2 * estimate))
+    Trainer(_cfg("supervised", tiny_synthetic), tmp_path / "fits", progress=False)  # checkpoint + temporary copy
+
+
 def test_output_path_that_is_a_file_is_reported_before_training(tmp_path: Path, tiny_synthetic: str) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -171,3 +171,27 @@ def test_records_repeated_after_a_resume_replace_the_interrupted_ones(tmp_path: 
     assert [(r["iteration"], r["loss"]) for r in records if "loss" in r] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0),
                                                                            (5, 2.0), (6, 2.0), (7, 2.0)]
     assert [r for r in records if "val_dice" in r] == [{"iteration": 4, "val_dice": 0.2}]
+
+
+def test_undefined_metrics_are_null_in_summary_json_and_dashes_in_the_report(tmp_path: Path,
+                                                                             tiny_synthetic: str) -> None:
+    """`--empty-policy nan` leaves distances undefined for an empty prediction: strict JSON, not a bare NaN."""
+    run = _run_folder(tmp_path, tiny_synthetic, with_eval=False)
+    layout = open_dataset(tiny_synthetic)
+    predictions = run / "eval-test" / "predictions"
+    predictions.mkdir(parents=True)
+    for i, case_id in enumerate(layout.test_ids):
+        label = layout.read_eval(case_id).label
+        with h5py.File(predictions / f"{case_id}.h5", "w") as f:
+            f.create_dataset("label", data=np.zeros_like(label) if i == 0 else label)
+    evaluate_predictions(predictions, tiny_synthetic, run / "eval-test", empty_policy="nan")
+
+    def refuse(token: str) -> NoReturn:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    summary = json.loads((run / "eval-test" / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["cases"][0]["hd95"] is None and summary["cases"][0]["dice"] == 0.0
+    assert summary["metrics"]["hd95"]["n"] == len(layout.test_ids) - 1
+    assert summary["metrics"]["hd95"]["mean"] == 0.0  # the other predictions are perfect
+    page = (write_report(run).index).read_text()
+    assert "–" in page

@@ -97,21 +97,25 @@ def evaluate(
     empty_policy: Annotated[str | None, typer.Option(help="legacy_zero, nan or penalty")] = None,
     save_predictions: Annotated[bool, typer.Option(help="Also write the label maps")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    spacing: Annotated[str | None, typer.Option(
+        help="X,Y,Z mm per voxel: HD95 / ASD in mm (default: voxels, as the papers)")] = None,
 ) -> None:
     """Score a model (or a folder of predictions) with the papers' metrics and a protocol card."""
-    from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_card, format_summary
+    from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_card, format_summary, parse_spacing
+
+    voxel_size = parse_spacing(spacing)
 
     if pred is not None:
         if data is None:
             raise SemisegError("--pred needs --data, the dataset whose labels are the reference")
         target = out or pred.parent / f"eval-{split}"
-        summary = evaluate_predictions(pred, data, target, split, empty_policy or "legacy_zero")
+        summary = evaluate_predictions(pred, data, target, split, empty_policy or "legacy_zero", voxel_size)
     else:
         if run is None:
             raise SemisegError("give a run folder or checkpoint, or --pred DIR with --data")
         target = out or (run if run.is_dir() else run.parent) / f"eval-{split}"
         summary = evaluate_checkpoint(run, target, data, split, checkpoint, lcc, empty_policy, device,
-                                      save_predictions)
+                                      save_predictions, voxel_size)
     for line in [*format_summary(summary), *format_card(summary)]:
         typer.echo(line)
     typer.echo(f"protocol card and per-case metrics: {target / 'summary.json'}, {target / 'cases.csv'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,11 @@ def _column_title(key: str, class_names: tuple[str, ...]) -> str:
     return title.replace(" (", f" {name} (")
 
 
+def _with_units(unit: str) -> Callable[[str], str]:
+    """HTML-escape, naming the distance unit of the evaluation (voxels, or mm with `evaluate --spacing`)."""
+    return lambda text: html.escape(text.replace("(vox)", f"({unit})"))
+
+
 def render_html(title: str, facts: dict[str, Any], summary: dict[str, Any] | None, curves: str | None,
                 overlays: dict[str, str], notes: list[str], class_names: tuple[str, ...] = ()) -> str:
     """One self-contained static page (no script); images are referenced relatively."""
@@ -171,13 +177,15 @@ figcaption{color:#555}.notes{background:#fff8e1;padding:.5em 1em;border-left:4px
         parts.append(f"<h2>Training curves</h2><figure>{_img(curves, 'training curves')}</figure>")
     if summary is not None:
         stats = summary["metrics"]
+        units = str(summary.get("protocol", {}).get("metrics", {}).get("units", ""))
+        eu = _with_units("mm" if units.startswith("mm") else "vox")
         parts.append("<h2>Test metrics</h2><table class='summary'><thead><tr>" + "".join(
-            f"<th>{e(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "</tr></thead><tbody><tr>" + "".join(
+            f"<th>{eu(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "</tr></thead><tbody><tr>" + "".join(
             f"<td>{_cell(stats[k]['mean'], s)} ± {_cell(stats[k]['std'], s)}</td>" for k, _, s in METRIC_COLUMNS)
             + "</tr></tbody></table>")
         extra = [k for k in summary["cases"][0] if k not in {"case", *(c for c, _, _ in METRIC_COLUMNS)}]
-        head = "".join(f"<th>{e(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "".join(
-            f"<th>{e(_column_title(k, class_names))}</th>" for k in extra)
+        head = "".join(f"<th>{eu(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "".join(
+            f"<th>{eu(_column_title(k, class_names))}</th>" for k in extra)
         rows = []
         for row in summary["cases"]:
             case = str(row["case"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,31 @@ def check_writable(folder: Path) -> None:
     except OSError as exc:
         raise CheckpointError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out "
                               "or free disk space") from None
+
+
+def checkpoint_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Expected checkpoint size: weights and buffers, plus the optimiser's per-parameter state once it exists.
+
+    Estimated before the first step, when the state is still empty: SGD momentum holds one copy of each
+    parameter, Adam(W) two.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    copies = 2 if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else 1
+    return weights + copies * params
+
+
+def check_free_space(folder: Path, checkpoint_size: int, names: tuple[str, ...]) -> None:
+    """Fail before training when the disk cannot hold the run's checkpoint files.
+
+    Each save writes a temporary copy beside the file it replaces, so the need is one checkpoint for the
+    copy plus one for every named file that does not exist yet (a resumed run already holds its own).
+    """
+    missing = [n for n in names if not (folder / n).is_file()]
+    need = checkpoint_size * (len(missing) + 1)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise CheckpointError(f"{folder}: {free / 2**20:.0f} MiB free, but this run needs {need / 2**20:.0f} MiB "
+                              f"for its checkpoints ({', '.join(names)}, about {checkpoint_size / 2**20:.0f} MiB "
+                              "each, plus a temporary copy while saving); free disk space or choose another --out")

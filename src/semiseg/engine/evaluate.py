@@ -1,7 +1,8 @@
 """Evaluation under the declared protocol: per-case metrics, a summary and a protocol card.
 
 Writes `cases.csv` (one row per case) and `summary.json` with `metrics` (mean and std of each
-metric), `cases` and `protocol`, the card that says exactly how the numbers were obtained.
+metric), `cases` and `protocol`, the card that says exactly how the numbers were obtained. An undefined
+value (a distance under the `nan` empty policy) is `null` in `summary.json` and `nan` in `cases.csv`.
 """
 
 from __future__ import annotations
@@ -69,9 +70,28 @@ def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
     return path / name, rule
 
 
-def _class_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, empty_policy: str) -> dict[str, float]:
+def parse_spacing(text: str | None) -> tuple[float, ...] | None:
+    """`--spacing 0.625,0.625,0.625` (mm per voxel along the stored axes) for distances in mm."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"--spacing {text!r}: give one positive size in mm per image axis, e.g. 0.625,0.625,0.625 "
+                          "(LA), or leave it out for distances in voxels as the papers report")
+    return values
+
+
+def _class_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, empty_policy: str,
+                   spacing: tuple[float, ...] | None = None, case: str = "") -> dict[str, float]:
     """Binary tasks: the foreground class; multi-class: each class and their mean (ACDC tables)."""
-    per_class = [case_metrics(pred == c, label == c, empty_policy=empty_policy) for c in range(1, num_classes)]
+    if spacing is not None and len(spacing) != label.ndim:
+        raise ConfigError(f"--spacing has {len(spacing)} values but case {case} has {label.ndim} axes "
+                          f"(shape {label.shape}); give one size per axis")
+    per_class = [case_metrics(pred == c, label == c, spacing=spacing, empty_policy=empty_policy)
+                 for c in range(1, num_classes)]
     row = {m: float(np.mean([pc[m] for pc in per_class])) for m in METRICS}
     if num_classes > 2:
         for c, pc in enumerate(per_class, start=1):
@@ -87,8 +107,19 @@ def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any]
         writer.writerows(rows)
     stats = summarize([{m: r[m] for m in r if m != "case"} for r in rows])
     summary = {"metrics": {m: stats[m] for m in stats}, "cases": rows, "protocol": protocol}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
     return summary
+
+
+def strict_json(value: Any) -> Any:
+    """NaN / Inf become null, so `summary.json` is standard JSON that any reader (jq, JavaScript) accepts."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _split_ids(layout: Layout, cfg: TrainConfig | None, split: str) -> list[str]:
@@ -112,8 +143,10 @@ def _checked_policy(empty_policy: str) -> str:
     return empty_policy
 
 
-def _metric_card(empty_policy: str) -> dict[str, Any]:
-    return {"definitions": {m: METRIC_DEFINITIONS[m] for m in METRICS}, "units": "voxels (spacing 1 on every axis)",
+def _metric_card(empty_policy: str, spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
+    units = ("voxels (spacing 1 on every axis, as the papers report)" if spacing is None else
+             f"mm (voxel spacing {'x'.join(f'{v:g}' for v in spacing)} given with --spacing)")
+    return {"definitions": {m: METRIC_DEFINITIONS[m] for m in METRICS}, "units": units,
             "empty_policy": empty_policy,
             "empty_policy_meaning": {"legacy_zero": "empty prediction scores 0 on all four metrics and is "
                                      "averaged in (the papers' convention; rewards misses on HD95/ASD)",
@@ -123,7 +156,8 @@ def _metric_card(empty_policy: str) -> dict[str, Any]:
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
-                        device: str = "auto", save_predictions: bool = False) -> dict[str, Any]:
+                        device: str = "auto", save_predictions: bool = False,
+                        spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
     ckpt_path, rule = resolve_checkpoint(checkpoint, which)
     payload = load_checkpoint(ckpt_path)
     cfg = TrainConfig(**payload["config"])
@@ -148,7 +182,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
         pred = predict_volume(net, case.image, protocol, dev)
         if save_predictions:
             _save_prediction(out / "predictions" / f"{case_id}.h5", pred)
-        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy)})
+        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy, spacing,
+                                                       case_id)})
     train_split = layout.split(cfg.labeled, cfg.val)
     best = payload.get("best") or {}
     card = {
@@ -157,7 +192,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
                     "labeled_ids": train_split.labeled, "n_unlabeled": len(train_split.unlabeled),
                     "val_ids": train_split.val, "val_source": train_split.val_source},
         "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {method.evaluated_output()}"},
-        "metrics": _metric_card(policy),
+        "metrics": _metric_card(policy, spacing),
         "checkpoint": {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
                        "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
                        "run_selection_rule": cfg.checkpoint_selection,
@@ -196,7 +231,7 @@ def read_prediction(folder: Path, case_id: str) -> np.ndarray:
 
 
 def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "test",
-                         empty_policy: str = "legacy_zero") -> dict[str, Any]:
+                         empty_policy: str = "legacy_zero", spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
     """Score existing label maps against the dataset's labels (like nnU-Net's evaluate_folder)."""
     _checked_policy(empty_policy)
     if not Path(pred_dir).is_dir():
@@ -211,10 +246,12 @@ def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "tes
         if pred.shape != case.label.shape:
             raise DataError(f"{pred_dir}/{case_id}: prediction shape {pred.shape} differs from the label's "
                             f"{case.label.shape}")
-        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, empty_policy)})
+        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, empty_policy, spacing,
+                                                       case_id)})
     card = {"dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
                         "class_names": list(layout.class_names)},
-            "predictions": str(pred_dir), "metrics": _metric_card(empty_policy), "code_version": code_version()}
+            "predictions": str(pred_dir), "metrics": _metric_card(empty_policy, spacing),
+            "code_version": code_version()}
     return write_report(out, rows, card)
 
 

@@ -25,7 +25,7 @@ from ..data import Layout, Split, load_cases, open_dataset
 from ..data.loader import TwoStreamBatches, batch_loader
 from ..errors import CheckpointError, ConfigError, SemisegError
 from ..methods.base import Method, NetSpec, StepContext
-from .checkpoint import check_writable, load_checkpoint, save_checkpoint
+from .checkpoint import check_free_space, check_writable, checkpoint_bytes, load_checkpoint, save_checkpoint
 from .distributed import init_from_env, shutdown
 from .inference import InferenceProtocol, autocast_for, predict_volume
 from .metrics import dice
@@ -191,6 +191,10 @@ class Trainer:
                 torn.unlink()
         seed_everything(cfg.seed)  # identical initial weights on every process
         self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None)
+        if self.dist.is_main:
+            selecting = cfg.val > 0 or cfg.checkpoint_selection == "best_on_test"
+            check_free_space(self.out, checkpoint_bytes(self.s.method, self.s.optimizer),
+                             (CHECKPOINT, BEST) if selecting else (CHECKPOINT,))
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # independent dropout and sampling per process
         self.start = 0
