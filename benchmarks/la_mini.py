@@ -9,9 +9,12 @@ pre-training stages, and the common `poly_horizon`, `lr_step`, `lr_step_start`; 
 the run, such as poly decay and CrossMatch's threshold ramp, follow the budget by themselves), the last
 checkpoint, and the four metrics on the 20 test cases. Labelled-only with all 80 labels is the upper bound.
 
-    python benchmarks/la_mini.py --methods supervised caml mlrpl crossmatch --iterations 600
+    python benchmarks/la_mini.py --methods supervised caml mlrpl crossmatch --iterations 240 --seeds default 2 3
 
-Writes benchmarks/results/la_mini.csv (one row per run, appended) and the `la-mini` section of BENCHMARKS.md.
+`--seeds` repeats every run with each seed (`default`: the method's own, 1337 or its preset's): at this budget
+the seed moves Dice by tens of points, so single runs do not rank methods. Writes benchmarks/results/la_mini.csv
+(one row per run) and two sections of BENCHMARKS.md: `la-mini` (every run, with its stamp) and `la-mini-seeds`
+(mean and sample standard deviation over the seeds of each setting run with more than one).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +38,10 @@ from common import REPO, markdown_table, stamp, update_section  # noqa: E402
 
 CASES_DIR = "2018LA_Seg_Training Set"
 RESULTS = REPO / "benchmarks" / "results"
+CSV_PATH = RESULTS / "la_mini.csv"
+FIELDS = ["method", "variant", "labeled", "iterations", "n_filters", "seed", "dice", "jaccard", "hd95", "asd",
+          "train_wall_s", "wall_s", "s_per_it", "peak_mb", "overrides", "stamp"]
+SEED = re.compile(r"(?:^| )seed=(\d+)(?= |$)")
 
 
 def prepare(la_root: Path, out: Path) -> Path:
@@ -82,9 +91,11 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
                     "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "eval-test" / "summary.json").read_text())
     train = json.loads((out / "train_summary.json").read_text())
+    seed = yaml.safe_load((out / "config.yaml").read_text())["seed"]
     m = summary["metrics"]
-    return {"method": method, "variant": " ".join(extra) or "recipe", "labeled": labeled, "iterations": iterations,
-            "n_filters": n_filters,
+    variant = " ".join(e for e in extra if not e.startswith("seed="))
+    return {"method": method, "variant": variant or "recipe", "labeled": labeled, "iterations": iterations,
+            "n_filters": n_filters, "seed": seed,
             "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
             "asd": m["asd"]["mean"], "train_wall_s": train["wall_s"], "wall_s": wall,
             "s_per_it": train["s_per_it"], "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
@@ -101,47 +112,100 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / "runs" / "la-mini"))
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         help="extra key=value override for every run (a diagnostic variant, named in the table)")
+    parser.add_argument("--seeds", nargs="+", type=_seed, default=[None],
+                        help="run every setting once per seed; `default` is the method's own (1337, CAML's 3407)")
     args = parser.parse_args()
     work = Path(args.work)
     data = prepare(Path(args.la_root), work / "data")
     jobs = [(m, args.labeled) for m in args.methods]
     if not args.no_upper_bound:
         jobs.append(("supervised", 80))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / "la_mini.csv"
-    for method, labeled in jobs:
-        variant = "-".join(e.replace("=", "_").replace(",", "_") for e in args.extra)
-        folder = work / (f"{method}-{labeled}-{args.iterations}" + (f"-{variant}" if variant else ""))
-        row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, args.extra)
-        row["stamp"] = stamp()
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(json.dumps(row), flush=True)
+    for seed in args.seeds:
+        extra = [*args.extra, *([f"seed={seed}"] if seed is not None else [])]
+        for method, labeled in jobs:
+            variant = "-".join(e.replace("=", "_").replace(",", "_") for e in extra)
+            folder = work / (f"{method}-{labeled}-{args.iterations}" + (f"-{variant}" if variant else ""))
+            row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, extra)
+            row["stamp"] = stamp()
+            write_rows([*read_rows(), row])
+            print(json.dumps(row), flush=True)
     print(render())
 
 
+def _seed(text: str) -> int | None:
+    return None if text == "default" else int(text)
+
+
+def default_seed(method: str) -> int:
+    """The seed a run gets without `--set seed=...`: the config default, or the method's `la-8` preset's."""
+    from semiseg.config import build_config
+    from semiseg.methods import get_method
+
+    return build_config(method, preset="la-8" if "la-8" in get_method(method).presets else None).seed
+
+
+def read_rows() -> list[dict[str, str]]:
+    """Every run in la_mini.csv; rows written before the seed column get theirs from the overrides or the default."""
+    if not CSV_PATH.exists():
+        return []
+    with open(CSV_PATH) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        variant = row.get("variant") or "recipe"
+        if not row.get("seed"):
+            found = SEED.search(row.get("overrides", "")) or SEED.search(variant)
+            row["seed"] = found.group(1) if found else str(default_seed(row["method"]))
+        row["variant"] = SEED.sub("", variant).strip() or "recipe"
+    return rows
+
+
+def write_rows(rows: list[dict]) -> None:
+    """Rewrite la_mini.csv whole (atomically), so older rows take the current columns."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = CSV_PATH.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in FIELDS} for row in rows)
+    os.replace(tmp, CSV_PATH)
+
+
+def _setting(row: dict[str, str]) -> tuple[str, ...]:
+    return row["method"], row["variant"], row["labeled"], row["iterations"], row["n_filters"]
+
+
 def render() -> str:
-    """Markdown table of the latest row per (method, labelled, iterations) in la_mini.csv."""
-    rows = {}
-    with open(RESULTS / "la_mini.csv") as f:
-        for row in csv.DictReader(f):
-            rows[(row["method"], row.get("variant") or "recipe", row["labeled"], row["iterations"])] = row
+    """The two BENCHMARKS.md sections: every run (latest per setting and seed), and the seed statistics."""
+    runs: dict[tuple[str, ...], dict[str, str]] = {}
+    for row in read_rows():
+        runs[(*_setting(row), row["seed"])] = row
     table = markdown_table(
-        ["method", "variant", "labelled", "iterations", "filters", "Dice %", "Jaccard %", "HD95 vox", "ASD vox",
-         "wall min", "s/it", "peak MB", "run stamp"],
-        [[r["method"], r.get("variant") or "recipe", r["labeled"], r["iterations"], r["n_filters"],
-          f"{100 * float(r['dice']):.2f}",
-          f"{100 * float(r['jaccard']):.2f}", f"{float(r['hd95']):.2f}", f"{float(r['asd']):.2f}",
-          f"{float(r['wall_s']) / 60:.1f}", f"{float(r['s_per_it']):.2f}", f"{float(r['peak_mb']):.0f}", r["stamp"]]
-         for r in rows.values()])
-    update_section("la-mini", "Command: `python benchmarks/la_mini.py --methods METHOD ... --iterations N` "
-                   "(rows are the latest run of each setting; every row's machine, commit and date is in its stamp)."
-                   f"\n\n{table}\n")
-    return table
+        ["method", "variant", "labelled", "iterations", "filters", "seed", "Dice %", "Jaccard %", "HD95 vox",
+         "ASD vox", "wall min", "s/it", "peak MB", "run stamp"],
+        [[*_setting(r), r["seed"], f"{100 * float(r['dice']):.2f}", f"{100 * float(r['jaccard']):.2f}",
+          f"{float(r['hd95']):.2f}", f"{float(r['asd']):.2f}", f"{float(r['wall_s']) / 60:.1f}",
+          f"{float(r['s_per_it']):.2f}", f"{float(r['peak_mb']):.0f}", r["stamp"]] for r in runs.values()])
+    update_section("la-mini", "Command: `python benchmarks/la_mini.py --methods METHOD ... --iterations N "
+                   "[--seeds S ...]` (one row per setting and seed, the latest run; every row's machine, commit and "
+                   f"date is in its stamp).\n\n{table}\n")
+    settings: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for row in runs.values():
+        settings.setdefault(_setting(row), []).append(row)
+    summary = markdown_table(
+        ["method", "variant", "labelled", "iterations", "filters", "seeds", "Dice %", "Jaccard %", "HD95 vox",
+         "ASD vox", "Dice % of each seed"],
+        [[*key, " ".join(r["seed"] for r in group),
+          *(_mean_std(group, m) for m in ("dice", "jaccard", "hd95", "asd")),
+          " / ".join(f"{100 * float(r['dice']):.1f}" for r in group)]
+         for key, group in settings.items() if len(group) > 1])
+    update_section("la-mini-seeds", "Mean ± sample standard deviation over the seeds of every setting run with more "
+                   "than one (from the rows of the table above; `--seeds S ...` adds them).\n\n" + summary + "\n")
+    return f"{table}\n\n{summary}"
+
+
+def _mean_std(rows: list[dict[str, str]], metric: str) -> str:
+    values = np.array([float(r[metric]) for r in rows]) * (100.0 if metric in ("dice", "jaccard") else 1.0)
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
 if __name__ == "__main__":
