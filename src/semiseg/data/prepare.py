@@ -512,6 +512,15 @@ def check_dataset(folder: Path) -> CheckResult:
 
 # ----------------------------------------------------------------------------- preparing the cache
 
+def parse_sizes(text: str) -> tuple[float, ...] | None:
+    """`1,1,2.5` or `1x1x2.5` as positive finite sizes (mm); None when the text is not such a list."""
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        return None
+    return values if values and all(np.isfinite(v) and v > 0 for v in values) else None
+
+
 def make_recipe(result: CheckResult, spacing: str | None = None,
                 ct_window: tuple[float, float] | None = None) -> Recipe:
     """Channel normalisation from the names (CT window: given, or the 0.5-99.5 % foreground percentiles)."""
@@ -529,8 +538,8 @@ def make_recipe(result: CheckResult, spacing: str | None = None,
     if spacing == "median":
         target = tuple(float(v) for v in np.median(np.stack(result.spacings), axis=0))  # type: ignore[assignment]
     elif spacing:
-        values = tuple(float(v) for v in spacing.replace("x", ",").split(",") if v)
-        if len(values) != 3 or min(values) <= 0:
+        values = parse_sizes(spacing)
+        if values is None or len(values) != 3:
             raise DataError(f"--spacing {spacing!r}: give three positive sizes in mm (e.g. 1,1,2.5) or 'median'")
         target = values  # type: ignore[assignment]
     return Recipe(channels, target)

@@ -20,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..config import TrainConfig
 from ..data import Layout, open_dataset
+from ..data.prepare import parse_sizes
 from ..errors import ConfigError, DataError
 from ..methods.base import NetSpec
 from .checkpoint import load_checkpoint
@@ -74,11 +75,8 @@ def parse_spacing(text: str | None) -> tuple[float, ...] | None:
     """`--spacing 0.625,0.625,0.625` (mm per voxel along the stored axes) for distances in mm."""
     if text is None:
         return None
-    try:
-        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+    values = parse_sizes(text)
+    if values is None:
         raise ConfigError(f"--spacing {text!r}: give one positive size in mm per image axis, e.g. 0.625,0.625,0.625 "
                           "(LA), or leave it out for distances in voxels as the papers report")
     return values

@@ -192,9 +192,8 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every process
         self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None)
         if self.dist.is_main:
-            selecting = cfg.val > 0 or cfg.checkpoint_selection == "best_on_test"
             check_free_space(self.out, checkpoint_bytes(self.s.method, self.s.optimizer),
-                             (CHECKPOINT, BEST) if selecting else (CHECKPOINT,))
+                             (CHECKPOINT, BEST) if self._selects_best else (CHECKPOINT,))
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # independent dropout and sampling per process
         self.start = 0
@@ -243,10 +242,14 @@ class Trainer:
         `best_on_test` (a quirk that leaks the test set, kept only to reproduce their numbers)."""
         return self.s.split.test if self.cfg.checkpoint_selection == "best_on_test" else self.s.split.val
 
+    @property
+    def _selects_best(self) -> bool:
+        """Whether the run validates and keeps `best.pt` (on validation cases, or the best_on_test quirk)."""
+        return self.cfg.val > 0 or self.cfg.checkpoint_selection == "best_on_test"
+
     def _validating(self, iteration: int) -> bool:
         cfg = self.cfg
-        wanted = cfg.val > 0 or cfg.checkpoint_selection == "best_on_test"
-        return wanted and cfg.val_every > 0 and iteration >= cfg.val_start and (
+        return self._selects_best and cfg.val_every > 0 and iteration >= cfg.val_start and (
             iteration % cfg.val_every == 0 or iteration == cfg.iterations)
 
     def validate(self) -> float:
