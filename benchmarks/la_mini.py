@@ -39,8 +39,9 @@ from common import REPO, markdown_table, stamp, update_section  # noqa: E402
 CASES_DIR = "2018LA_Seg_Training Set"
 RESULTS = REPO / "benchmarks" / "results"
 CSV_PATH = RESULTS / "la_mini.csv"
-FIELDS = ["method", "variant", "labeled", "iterations", "n_filters", "seed", "dice", "jaccard", "hd95", "asd",
-          "train_wall_s", "wall_s", "s_per_it", "peak_mb", "overrides", "stamp"]
+CURVES = RESULTS / "la_mini_curves"
+FIELDS = ["method", "variant", "labeled", "iterations", "n_filters", "seed", "val", "dice", "jaccard", "hd95", "asd",
+          "train_wall_s", "wall_s", "s_per_it", "peak_mb", "overrides", "curve", "stamp"]
 SEED = re.compile(r"(?:^| )seed=(\d+)(?= |$)")
 
 
@@ -72,12 +73,14 @@ def scaled_overrides(method: str, iterations: int) -> list[str]:
 
 
 def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n_filters: int,
-            extra: list[str]) -> dict:
+            extra: list[str], val: int = 0, val_every: int = 0, checkpoint_every: int = 0) -> dict:
     from semiseg.methods import get_method
 
     preset = ["--preset", "la-8"] if "la-8" in get_method(method).presets else []
-    common = ["patch_size=64,64,32", "stride=9,9,2", f"n_filters={n_filters}", f"checkpoint_every={iterations}",
-              "log_every=50", "num_workers=1", "device=cpu"]
+    common = ["patch_size=64,64,32", "stride=9,9,2", f"n_filters={n_filters}",
+              f"checkpoint_every={checkpoint_every or iterations}", "log_every=50", "num_workers=1", "device=cpu"]
+    if val:  # the calibrated protocol: a learning curve on validation cases carved from the training list
+        common += [f"val={val}", f"val_every={val_every or iterations}", "channels_last=on"]
     sets = [*common, *scaled_overrides(method, iterations), *extra]
     cmd = [sys.executable, "-m", "semiseg.cli", "train", "--method", method, "--data", str(data), "--labeled",
            str(labeled), "--iterations", str(iterations), "--out", str(out), "--quiet", *preset,
@@ -95,10 +98,10 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
     m = summary["metrics"]
     variant = " ".join(e for e in extra if not e.startswith("seed="))
     return {"method": method, "variant": variant or "recipe", "labeled": labeled, "iterations": iterations,
-            "n_filters": n_filters, "seed": seed,
+            "n_filters": n_filters, "seed": seed, "val": val, "curve": save_curve(out) if val else "",
             "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
-            "asd": m["asd"]["mean"], "train_wall_s": train["wall_s"], "wall_s": wall,
-            "s_per_it": train["s_per_it"], "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
+            "asd": m["asd"]["mean"], "train_wall_s": train.get("total_wall_s", train["wall_s"]), "wall_s": wall,
+            "s_per_it": train.get("total_wall_s", train["wall_s"]) / iterations, "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
 
 
 def main() -> None:
@@ -114,22 +117,61 @@ def main() -> None:
                         help="extra key=value override for every run (a diagnostic variant, named in the table)")
     parser.add_argument("--seeds", nargs="+", type=_seed, default=[None],
                         help="run every setting once per seed; `default` is the method's own (1337, CAML's 3407)")
+    parser.add_argument("--val", type=int, default=0,
+                        help="validation cases carved from the end of train.list: a learning curve every "
+                             "--val-every iterations (the calibrated protocol; the upper bound then has 80 - VAL "
+                             "labels)")
+    parser.add_argument("--val-every", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="iterations between checkpoints (default: only at the end); an interrupted run "
+                             "resumes from the last one when the command is repeated")
+    parser.add_argument("--rerun", action="store_true", help="run settings that already have a row again")
     args = parser.parse_args()
     work = Path(args.work)
     data = prepare(Path(args.la_root), work / "data")
+    n_train = len((data / "train.list").read_text().split())
     jobs = [(m, args.labeled) for m in args.methods]
     if not args.no_upper_bound:
-        jobs.append(("supervised", 80))
+        jobs.append(("supervised", n_train - args.val))
     for seed in args.seeds:
         extra = [*args.extra, *([f"seed={seed}"] if seed is not None else [])]
         for method, labeled in jobs:
             variant = "-".join(e.replace("=", "_").replace(",", "_") for e in extra)
-            folder = work / (f"{method}-{labeled}-{args.iterations}" + (f"-{variant}" if variant else ""))
-            row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, extra)
+            folder = work / (f"{method}-{labeled}-{args.iterations}" + (f"-val{args.val}" if args.val else "") +
+                             (f"-{variant}" if variant else ""))
+            done = finished(method, extra, labeled, args.iterations, args.n_filters, args.val)
+            if done and not args.rerun:
+                print(f"skipping {folder.name}: already in {CSV_PATH.name} ({done['stamp']})", flush=True)
+                continue
+            row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, extra, args.val,
+                          args.val_every, args.checkpoint_every)
             row["stamp"] = stamp()
             write_rows([*read_rows(), row])
             print(json.dumps(row), flush=True)
     print(render())
+
+
+def finished(method: str, extra: list[str], labeled: int, iterations: int, n_filters: int, val: int) -> dict | None:
+    """The CSV row of this setting and seed, if it has run (the benchmark skips it unless --rerun)."""
+    variant = " ".join(e for e in extra if not e.startswith("seed=")) or "recipe"
+    seed = next((int(e.split("=", 1)[1]) for e in extra if e.startswith("seed=")), None)
+    seed = default_seed(method) if seed is None else seed
+    for row in read_rows():
+        if (row["method"], row["variant"], int(row["labeled"]), int(row["iterations"]), int(row["n_filters"]),
+                int(row["seed"]), int(row.get("val") or 0)) == (method, variant, labeled, iterations, n_filters,
+                                                                 seed, val):
+            return row
+    return None
+
+
+def save_curve(run: Path) -> str:
+    """Copy the run's learning curve (validation Dice and the logged losses, with training wall time) into
+    benchmarks/results/la_mini_curves/, where the figures are drawn from; returns its path in the repository."""
+    CURVES.mkdir(parents=True, exist_ok=True)
+    target = CURVES / f"{run.name}.jsonl"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    target.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(target.relative_to(REPO))
 
 
 def _seed(text: str) -> int | None:

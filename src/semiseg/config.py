@@ -69,6 +69,12 @@ class TrainConfig(BaseModel):
     preset: str | None = None
     params: dict[str, Any] = {}
 
+    @field_validator("channels_last", "compile", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML reads a bare on/off as a boolean: `--set channels_last=on` means the word.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("patch_size", "stride", mode="before")
     @classmethod
     def _parse_sizes(cls, value: Any) -> Any:

@@ -199,6 +199,7 @@ class Trainer:
         self.start = 0
         self.wall_before = 0.0  # training wall time of the earlier calls of a resumed run, up to its checkpoint
         self._t0 = time.perf_counter()
+        self._val_s = 0.0  # time spent validating in this call, left out of the training wall time
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
         if self.state is not None:
             self.s.method.load_state_dict(self.state["method"])
@@ -219,8 +220,13 @@ class Trainer:
                 "spec": asdict(self.s.method.spec),
                 "method": self.s.method.state_dict(), "optimizer": self.s.optimizer.state_dict(),
                 "rng": rng if self.dist.enabled else rng[0], "best": self.best, "world_size": self.dist.world,
-                "wall_s": self.wall_before + time.perf_counter() - self._t0,
+                "wall_s": self.train_wall_s(),
                 "semiseg_version": __version__}
+
+    def train_wall_s(self) -> float:
+        """Training wall time so far, over every call of a resumed run, without the time spent validating (the
+        x-axis of a learning curve against time)."""
+        return self.wall_before + time.perf_counter() - self._t0 - self._val_s
 
     def _save(self, name: str, iteration: int) -> None:
         payload = self._payload(iteration)
@@ -344,7 +350,8 @@ class Trainer:
                     now = time.perf_counter()
                     record = {"iteration": iteration, "lr": lr, "loss": float(step.loss.detach()),
                               **{k: float(v) for k, v in step.logs.items()},
-                              "s_per_it": (now - t_window) / done_in_window, "skipped_updates": int(skipped)}
+                              "s_per_it": (now - t_window) / done_in_window, "skipped_updates": int(skipped),
+                              "wall_s": round(self.train_wall_s(), 3)}
                     t_window, done_in_window = now, 0
                     if main:
                         for key, value in record.items():
@@ -356,9 +363,13 @@ class Trainer:
                 if self._validating(iteration):
                     improved = False
                     if main:  # evaluation once, on rank 0
+                        t_val = time.perf_counter()
                         score = self.validate()
+                        self._val_s += time.perf_counter() - t_val
+                        t_window += time.perf_counter() - t_val  # keeps validation out of s_per_it too
                         writer.add_scalar("val/dice", score, iteration)
-                        log_file.write(json.dumps({"iteration": iteration, "val_dice": score}) + "\n")
+                        log_file.write(json.dumps({"iteration": iteration, "val_dice": score,
+                                                   "wall_s": round(self.train_wall_s(), 3)}) + "\n")
                         improved = score > self.best["dice"]
                         if improved:
                             self.best = {"dice": score, "iteration": iteration}
@@ -373,9 +384,9 @@ class Trainer:
             if main:
                 writer.close()
                 log_file.close()
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0 - self._val_s
         if main:
-            summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed,
+            summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed, "validation_s": self._val_s,
                        "total_wall_s": self.wall_before + elapsed,
                        "checkpoint_selection": cfg.checkpoint_selection,
                        "selection_cases": len(self.selection_cases) if self._validating(cfg.iterations) else 0,
