@@ -96,12 +96,13 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
     train = json.loads((out / "train_summary.json").read_text())
     seed = yaml.safe_load((out / "config.yaml").read_text())["seed"]
     m = summary["metrics"]
+    train_wall = train.get("total_wall_s", train["wall_s"])  # over every call of a resumed run
     variant = " ".join(e for e in extra if not e.startswith("seed="))
     return {"method": method, "variant": variant or "recipe", "labeled": labeled, "iterations": iterations,
             "n_filters": n_filters, "seed": seed, "val": val, "curve": save_curve(out) if val else "",
             "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
-            "asd": m["asd"]["mean"], "train_wall_s": train.get("total_wall_s", train["wall_s"]), "wall_s": wall,
-            "s_per_it": train.get("total_wall_s", train["wall_s"]) / iterations, "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
+            "asd": m["asd"]["mean"], "train_wall_s": train_wall, "wall_s": wall, "s_per_it": train_wall / iterations,
+            "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
 
 
 def main() -> None:
