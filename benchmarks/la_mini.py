@@ -35,6 +35,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, markdown_table, stamp, update_section  # noqa: E402
+from figures import validation_points  # noqa: E402
 
 CASES_DIR = "2018LA_Seg_Training Set"
 RESULTS = REPO / "benchmarks" / "results"
@@ -127,8 +128,14 @@ def main() -> None:
                         help="iterations between checkpoints (default: only at the end); an interrupted run "
                              "resumes from the last one when the command is repeated")
     parser.add_argument("--rerun", action="store_true", help="run settings that already have a row again")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: copy the curves of unfinished runs (marked partial), redraw the figures "
+                             "and rewrite the BENCHMARKS.md sections")
     args = parser.parse_args()
     work = Path(args.work)
+    if args.report:
+        report_partial(work)
+        return
     data = prepare(Path(args.la_root), work / "data")
     n_train = len((data / "train.list").read_text().split())
     jobs = [(m, args.labeled) for m in args.methods]
@@ -170,6 +177,7 @@ def save_curve(run: Path) -> str:
     benchmarks/results/la_mini_curves/, where the figures are drawn from; returns its path in the repository."""
     CURVES.mkdir(parents=True, exist_ok=True)
     target = CURVES / f"{run.name}.jsonl"
+    (CURVES / f"{run.name}-partial.jsonl").unlink(missing_ok=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     target.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(target.relative_to(REPO))
@@ -217,10 +225,26 @@ def _setting(row: dict[str, str]) -> tuple[str, ...]:
     return row["method"], row["variant"], row["labeled"], row["iterations"], row["n_filters"]
 
 
+def _calibrated(row: dict[str, str]) -> bool:
+    """Rows of the calibrated protocol (learning curves on validation cases); the others are the uncalibrated
+    240/600-iteration table of the earlier sessions."""
+    return int(row.get("val") or 0) > 0
+
+
 def render() -> str:
-    """The two BENCHMARKS.md sections: every run (latest per setting and seed), and the seed statistics."""
+    """BENCHMARKS.md sections: every run and the seed statistics, for the uncalibrated table and for the
+    calibrated protocol; the calibration verdict; the learning-curve figures."""
+    rows = read_rows()
+    old = _render_runs([r for r in rows if not _calibrated(r)], "la-mini", "la-mini-seeds")
+    new = _render_runs([r for r in rows if _calibrated(r)], "la-mini-cal-runs", "la-mini-cal-seeds")
+    verdict = render_calibration()
+    render_figures()
+    return f"{old}\n\n{new}\n\n{verdict}"
+
+
+def _render_runs(rows: list[dict[str, str]], runs_section: str, seeds_section: str) -> str:
     runs: dict[tuple[str, ...], dict[str, str]] = {}
-    for row in read_rows():
+    for row in rows:
         runs[(*_setting(row), row["seed"])] = row
     table = markdown_table(
         ["method", "variant", "labelled", "iterations", "filters", "seed", "Dice %", "Jaccard %", "HD95 vox",
@@ -228,7 +252,7 @@ def render() -> str:
         [[*_setting(r), r["seed"], f"{100 * float(r['dice']):.2f}", f"{100 * float(r['jaccard']):.2f}",
           f"{float(r['hd95']):.2f}", f"{float(r['asd']):.2f}", f"{float(r['wall_s']) / 60:.1f}",
           f"{float(r['s_per_it']):.2f}", f"{float(r['peak_mb']):.0f}", r["stamp"]] for r in runs.values()])
-    update_section("la-mini", "Command: `python benchmarks/la_mini.py --methods METHOD ... --iterations N "
+    update_section(runs_section, "Command: `python benchmarks/la_mini.py --methods METHOD ... --iterations N "
                    "[--seeds S ...]` (one row per setting and seed, the latest run; every row's machine, commit and "
                    f"date is in its stamp).\n\n{table}\n")
     settings: dict[tuple[str, ...], list[dict[str, str]]] = {}
@@ -241,9 +265,109 @@ def render() -> str:
           *(_mean_std(group, m) for m in ("dice", "jaccard", "hd95", "asd")),
           " / ".join(f"{100 * float(r['dice']):.1f}" for r in group)]
          for key, group in settings.items() if len(group) > 1])
-    update_section("la-mini-seeds", "Mean ± sample standard deviation over the seeds of every setting run with more "
+    update_section(seeds_section, "Mean ± sample standard deviation over the seeds of every setting run with more "
                    "than one (from the rows of the table above; `--seeds S ...` adds them).\n\n" + summary + "\n")
     return f"{table}\n\n{summary}"
+
+
+def read_curve(name: str) -> list[dict]:
+    path = CURVES / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def curve_files() -> dict[str, list[dict]]:
+    """Every saved learning curve by run name (finished runs, and `-partial` ones copied by --report)."""
+    return {p.stem: read_curve(p.stem) for p in sorted(CURVES.glob("*.jsonl"))}
+
+
+CAL_RUN = re.compile(r"^supervised-(?P<labeled>\d+)-(?P<iterations>\d+)-val(?P<val>\d+)(?:-seed_(?P<seed>\d+))?"
+                     r"(?P<partial>-partial)?$")
+MIN_GAP = 6.0  # Dice points: the calibration's required mean gap between all labels and 8 labels
+
+
+def calibration_table(curves: dict[str, list[dict]], low: int = 8) -> list[dict]:
+    """At every validation iteration seen by all seeds: labelled-only with `low` labels against the most labels.
+
+    With the recipe's constant learning rate the weights at iteration t of a longer run are those of a t-iteration
+    run, so each validation point is the result of that budget. A budget passes when the mean gap is at least
+    MIN_GAP points and every seed with all labels is above every seed with `low` labels."""
+    groups: dict[int, dict[int, dict[int, float]]] = {}
+    for name, records in curves.items():
+        match = CAL_RUN.match(name)
+        if not match:
+            continue
+        seed = int(match["seed"] or 1337)
+        by_it = {it: dice for it, _, dice in validation_points(records)}
+        groups.setdefault(int(match["labeled"]), {})[seed] = by_it
+    if low not in groups or len(groups) < 2:
+        return []
+    high = max(groups)
+    lo, hi = groups[low], groups[high]
+    seeds = sorted(set(lo) & set(hi))
+    if not seeds:
+        return []
+    common = sorted(set.intersection(*(set(lo[s]) for s in seeds), *(set(hi[s]) for s in seeds)))
+    table = []
+    for it in common:
+        a = np.array([100 * lo[s][it] for s in seeds])
+        b = np.array([100 * hi[s][it] for s in seeds])
+        gap = float(b.mean() - a.mean())
+        table.append({"iteration": it, "low": a, "high": b, "gap": gap, "separated": bool(b.min() > a.max()),
+                      "passes": bool(gap >= MIN_GAP and b.min() > a.max()), "seeds": seeds, "n_high": high})
+    return table
+
+
+def render_calibration() -> str:
+    table = calibration_table(curve_files())
+    if not table:
+        body = "No calibration curves yet (`--val` runs of labelled-only with 8 and all labels)."
+    else:
+        first = next((r["iteration"] for r in table if r["passes"]), None)
+        stable = next((r["iteration"] for i, r in enumerate(table) if all(x["passes"] for x in table[i:])), None)
+        seeds = " ".join(map(str, table[0]["seeds"]))
+        rows = [[str(r["iteration"]), _ms(r["low"]), " / ".join(f"{v:.1f}" for v in r["low"]), _ms(r["high"]),
+                 " / ".join(f"{v:.1f}" for v in r["high"]), f"{r['gap']:+.1f}", "yes" if r["separated"] else "no",
+                 "**pass**" if r["passes"] else "fail"] for r in table]
+        n_high = table[0]["n_high"]
+        verdict = (f"First budget that passes: **{first}** iterations; passes at every later point from "
+                   f"**{stable}** iterations." if stable else
+                   f"First budget that passes: {first} iterations, but not at every later point." if first else
+                   f"**No budget up to {table[-1]['iteration']} iterations passes.**")
+        body = (f"Validation Dice (8 cases held out of train.list) of labelled-only with 8 and {n_high} labels, "
+                f"seeds {seeds}, at every validation point. Criterion: mean gap >= {MIN_GAP:.0f} points and every "
+                f"{n_high}-label seed above every 8-label seed. {verdict}\n\n" + markdown_table(
+                    ["iteration", "8 labels mean ± std", "each seed", f"{n_high} labels mean ± std", "each seed",
+                     "gap", "separated", "verdict"], rows))
+    update_section("la-mini-calibration", body + "\n")
+    return body
+
+
+def _ms(values: np.ndarray) -> str:
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def render_figures() -> list[Path]:
+    """One figure per (iterations, validation) protocol: every run's validation Dice against iteration and time."""
+    from figures import FIGURES, plot_validation_curves
+
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for name, records in curve_files().items():
+        match = re.search(r"-(\d+)-val(\d+)", name)
+        if match and validation_points(records):
+            groups.setdefault(f"{match[1]}-val{match[2]}", {})[name] = records
+    return [plot_validation_curves(curves, FIGURES / f"la_mini_{key}.png",
+                                   f"LA-mini validation Dice, budget {key.split('-')[0]} iterations")
+            for key, curves in groups.items()]
+
+
+def report_partial(work: Path) -> None:
+    """Copy the curves of runs still in progress under `work` (marked -partial) and render every section."""
+    for run in sorted(work.glob("*-val*")):
+        log = run / "metrics.jsonl"
+        if log.is_file() and not (run / "eval-test" / "summary.json").is_file():
+            CURVES.mkdir(parents=True, exist_ok=True)
+            (CURVES / f"{run.name}-partial.jsonl").write_text(log.read_text())
+    print(render())
 
 
 def _mean_std(rows: list[dict[str, str]], metric: str) -> str:

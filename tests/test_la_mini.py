@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -59,3 +60,40 @@ def test_settings_run_with_several_seeds_get_mean_and_sample_std(results: Path) 
     assert ("| supervised | recipe | 8 | 240 | 8 | 1337 2 | 50.0 ± 14.1 | 25.0 ± 7.1 | 10.0 ± 0.0 | 2.0 ± 0.0 "
             "| 40.0 / 60.0 |") in seeds
     assert "| caml |" not in seeds
+
+
+def _curve(points: dict[int, float]) -> str:
+    return "".join(json.dumps({"iteration": it, "val_dice": d, "wall_s": it * 0.2}) + "\n" for it, d in points.items())
+
+
+def test_calibration_finds_the_first_budget_where_all_labels_beat_8_on_every_seed(
+        results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    curves = results / "curves"
+    curves.mkdir()
+    monkeypatch.setattr(la_mini, "CURVES", curves)
+    # 8 labels: 0.50 / 0.55 / 0.60 at every point; 72 labels: below at 150, a 5-point gap at 300 (fails), then
+    # 0.70 / 0.72 / 0.74 from 450 on (gap 17, every 72-label seed above every 8-label seed)
+    for seed, suffix in ((1337, ""), (2, "-seed_2"), (3, "-seed_3")):
+        low = 0.50 + 0.05 * [1337, 2, 3].index(seed)
+        (curves / f"supervised-8-3000-val8{suffix}.jsonl").write_text(_curve({150: low, 300: low, 450: low, 600: low}))
+        high = [0.70, 0.72, 0.74][[1337, 2, 3].index(seed)]
+        (curves / f"supervised-72-3000-val8{suffix}.jsonl").write_text(
+            _curve({150: 0.4, 300: low + 0.05, 450: high, 600: high}))
+    table = la_mini.calibration_table(la_mini.curve_files())
+    assert [r["iteration"] for r in table] == [150, 300, 450, 600]
+    assert [r["passes"] for r in table] == [False, False, True, True]
+    assert table[1]["gap"] == pytest.approx(5.0) and not table[1]["passes"]
+    text = la_mini.render_calibration()
+    assert "passes at every later point from **450** iterations" in text
+    # seeds in numeric order: 2, 3, 1337
+    assert ("| 450 | 55.0 ± 5.0 | 55.0 / 60.0 / 50.0 | 72.0 ± 2.0 | 72.0 / 74.0 / 70.0 | +17.0 | yes | **pass** |"
+            in text)
+
+
+def test_calibration_needs_both_label_counts(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    curves = results / "curves"
+    curves.mkdir()
+    monkeypatch.setattr(la_mini, "CURVES", curves)
+    (curves / "supervised-8-3000-val8-partial.jsonl").write_text(_curve({150: 0.5}))
+    assert la_mini.calibration_table(la_mini.curve_files()) == []
+    assert "No calibration curves yet" in la_mini.render_calibration()
