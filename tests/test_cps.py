@@ -137,6 +137,9 @@ def test_presets_and_the_evaluated_network() -> None:
     method = CPS(CPSParams(evaluated_network=2), SPEC_3D)
     assert method.inference_network() is method.net2 and isinstance(method.net2, VNet)
     assert CPS(CPSParams(), SPEC_3D).inference_network() is not method.net1
+    keys = method.state_dict().keys()  # both networks are checkpointed, and both are trained
+    assert any(k.startswith("net1.") for k in keys) and any(k.startswith("net2.") for k in keys)
+    assert len(method.trainable_parameters()) == 2 * len(list(method.net1.parameters()))
 
 
 def semiseg(*args: str) -> subprocess.CompletedProcess:

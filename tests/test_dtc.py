@@ -97,6 +97,7 @@ def test_a_label_without_background_gives_zeros_not_nan() -> None:
 
 def test_dual_head_vnet_has_the_official_parameter_count_and_sigmoid_logits() -> None:
     assert count_parameters(SDFVNet(1, 16)) == 9_448_866
+    assert "net.sdf_head.weight" in DTC(DTCParams(), SPEC).state_dict()
     torch.manual_seed(0)
     net = SDFVNet(1, 4).eval()
     x = torch.randn(2, 1, 16, 16, 16)

@@ -60,7 +60,8 @@ class DTC(Method):
         self.params: DTCParams = params
         if spec.spatial_dims != 3 or spec.num_classes != 2:
             raise ConfigError(f"dtc segments one foreground class in 3D (a VNet with a signed-distance head); the "
-                              f"data is {spec.spatial_dims}D with {spec.num_classes} classes")
+                              f"data is {spec.spatial_dims}D with {spec.num_classes} classes; use it on 3D binary "
+                              "data (LA, Pancreas-CT) or pick a method for any data, e.g. unimatch or cps")
         self.net = SDFVNet(spec.in_channels, spec.n_filters, spec.norm, spec.dropout)
 
     def consistency_weight(self, ctx: StepContext) -> float:
