@@ -69,3 +69,10 @@ class FeaturePerturbedNet(nn.Module):
             pyramid.append(torch.cat([first, rest, *(perturb_features(rest, r, self.kind) for r in self.rates)]))
         n_rest = len(x) - n_first
         return self._decode(pyramid).split([n_first] + [n_rest] * (1 + len(self.rates)))
+
+    def forward_perturbed(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits (P(x), P_rate1(x), ...): every sample perturbed, [x, drop(x), ...] decoded in one call
+        (UniMatch's `need_fp`, whose decoder BatchNorm sees clean and perturbed copies of the whole batch)."""
+        pyramid = [torch.cat([f, *(perturb_features(f, r, self.kind) for r in self.rates)])
+                   for f in self.net.encoder(x)]
+        return self._decode(pyramid).chunk(1 + len(self.rates))
