@@ -15,9 +15,9 @@ layout reads like the LA files.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -549,32 +549,115 @@ def prepared_folder(folder: Path) -> Path:
     return Path(folder) / CACHE_DIR
 
 
+def _is_own_output(target: Path) -> bool:
+    """True when `target` holds only what `prepare` writes: its marker `prepared.json` and `cases/*.h5`."""
+    marker = target / PREPARED
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        if json.loads(marker.read_text()).get("format") != FORMAT:
+            return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    cases = target / "cases"
+    if any(entry.name not in (PREPARED, "cases") for entry in target.iterdir()):
+        return False
+    if not cases.exists():
+        return True
+    if cases.is_symlink() or not cases.is_dir():
+        return False
+    return all(p.suffix == ".h5" and p.is_file() and not p.is_symlink() for p in cases.iterdir())
+
+
+def check_output(folder: Path, target: Path) -> None:
+    """Refuse an output folder whose replacement could destroy anything but a previous cache of `prepare`.
+
+    The cache is replaced as a whole, so the folder must be new, empty, or `prepare`'s own output (its
+    marker file `prepared.json` and `cases/`, nothing else); it must not be a symbolic link, the dataset
+    itself, or a folder that contains the dataset.
+    """
+    if target.is_symlink():
+        raise DataError(f"{target}: --out is a symbolic link; semiseg does not follow it (it would replace "
+                        "what the link points to); give the real folder")
+    source, resolved = folder.resolve(), target.resolve()
+    if resolved == source or resolved in source.parents:
+        raise DataError(f"{target}: --out is the dataset folder itself or contains it, and preparing replaces "
+                        f"--out as a whole; choose a new folder (default: {folder / CACHE_DIR})")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise DataError(f"{target}: --out exists and is not a folder; choose a new or empty folder")
+    if any(target.iterdir()) and not _is_own_output(target):
+        raise DataError(f"{target}: folder is not empty and is not a previous output of `semiseg data prepare` "
+                        f"(only {PREPARED} and cases/*.h5 may be there); semiseg replaces only its own output: "
+                        "choose a new or empty folder")
+
+
+def _staging_folder(target: Path) -> Path:
+    """A fresh hidden folder beside `target` to build the cache in (also proves the parent is writable)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise DataError(f"{target.parent}: output folder is not writable ({exc.strerror}); choose another --out "
+                        "or free disk space") from None
+
+
+def _swap_into_place(staged: Path, target: Path, folder: Path) -> None:
+    """Replace `target` with the staged cache; the old cache is removed only once the new one is in place."""
+    check_output(folder, target)  # again: the folder may have changed while the cases were written
+    if not target.exists():
+        staged.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old)
+
+
 def prepare(folder: Path, out: Path | None = None, spacing: str | None = None,
             ct_window: tuple[float, float] | None = None, check_only: bool = False) -> Path | None:
     """Check the dataset, then write the cache (atomically: built aside, renamed into place).
 
-    Returns the cache folder, or None with `check_only`. Raises `PrepareError` listing every problem.
+    Returns the cache folder, or None with `check_only`. Raises `PrepareError` listing every problem. The
+    output folder is checked first (see `check_output`), before any file is read.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: dataset folder not found")
-    result = check_dataset(folder)
-    if result.problems:
-        raise PrepareError(folder, result.problems)
-    if check_only:
-        return None
+    target = Path(out) if out is not None else prepared_folder(folder)
+    staged = None
+    if not check_only:
+        check_output(folder, target)
+        staged = _staging_folder(target)
+    try:
+        result = check_dataset(folder)
+        if result.problems:
+            raise PrepareError(folder, result.problems)
+        if staged is None:
+            return None
+        _write_cache(folder, result, make_recipe(result, spacing, ct_window), staged)
+        _swap_into_place(staged, target, folder)
+    finally:
+        if staged is not None and staged.exists():
+            shutil.rmtree(staged)
+    return target
+
+
+def _write_cache(folder: Path, result: CheckResult, recipe: Recipe, tmp: Path) -> None:
     info = result.info
     assert info is not None
-    recipe = make_recipe(result, spacing, ct_window)
-    target = Path(out) if out is not None else prepared_folder(folder)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     cases: dict[str, Any] = {}
     for case in info.cases:
         if case.role == "test" and case.label is None:
             continue  # unlabelled test scans are for `semiseg predict`, which reads them directly
         volumes = [read_volume(p) for p in case.images]
         image, affine = recipe.image(volumes)
+        if not np.isfinite(image).all():
+            raise DataError(f"{case.images[0]}: preprocessing gives {int((~np.isfinite(image)).sum())} NaN/Inf "
+                            "voxels (values too large for float32 after scaling); fix the file's intensities or "
+                            "its scl_slope / scl_inter")
         label = recipe.label(read_volume(case.label), image.shape[1:]) if case.label is not None else None
         write_case(tmp / "cases" / f"{case.case_id}.h5", image, label)
         cases[case.case_id] = {"role": case.role, "images": [str(p) for p in case.images],
@@ -588,9 +671,4 @@ def prepare(folder: Path, out: Path | None = None, spacing: str | None = None,
         "test": [c.case_id for c in info.role("test") if c.label is not None],
         "recipe": recipe.to_json(), "cases": cases,
     }
-    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / PREPARED).write_text(json.dumps(manifest, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
