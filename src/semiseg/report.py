@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-import yaml
 
 from .errors import DataError
 
@@ -225,15 +224,18 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 def write_report(run: Path, out: Path | None = None, data: str | None = None, split: str = "test") -> Report:
     """Build `RUN/report/` (or `out`) from what the run folder holds; missing parts become notes."""
+    from .config import load_yaml
     from .data import open_dataset
     from .data.layouts.base import check_case_id
+    from .engine.checkpoint import check_writable
     from .engine.evaluate import read_prediction
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise DataError(f"{run}: not a run folder (no config.yaml); give the --out folder of `semiseg train`")
     out = Path(out) if out is not None else run / "report"
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    check_writable(out)  # before any work
+    cfg = load_yaml(run / "config.yaml")
     report = Report(out / "index.html")
     records = read_metrics(run / "metrics.jsonl")
     curves = None

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import TrainConfig, saved_config
 from ..data import Layout, Split, load_cases, open_dataset
 from ..data.loader import TwoStreamBatches, batch_loader
 from ..errors import CheckpointError, ConfigError, SemisegError
@@ -30,6 +30,7 @@ from .distributed import init_from_env, shutdown
 from .inference import InferenceProtocol, autocast_for, predict_volume
 from .metrics import dice
 from .progress import Progress
+from .runlock import FolderLock
 from .schedules import poly_lr, step_lr
 
 CHECKPOINT = "checkpoint.pt"
@@ -179,14 +180,29 @@ class Trainer:
         self.state: dict[str, Any] | None = None
         if resume:
             self.state = load_checkpoint(ckpt)
-            cfg = TrainConfig(**self.state["config"])
+            try:
+                cfg = saved_config(self.state.get("config"), ckpt)
+            except ConfigError as exc:
+                raise CheckpointError(str(exc)) from None
         elif ckpt.exists():
             raise CheckpointError(f"{ckpt}: this run folder already holds a checkpoint; pass --resume to "
                                   "continue it, or choose a new --out")
         self.cfg = cfg
         self.dist = init_from_env(resolve_device(cfg.device).type)
+        self.lock = FolderLock(self.out, "semiseg train")  # one writer per run folder (rank 0 writes)
         if self.dist.is_main:
             check_writable(self.out)
+            self.lock.acquire()
+        try:
+            self._prepare_run()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare_run(self) -> None:
+        """Data, method and optimiser; the state of a resumed run; the run's config and split written."""
+        cfg = self.cfg
+        if self.dist.is_main:
             for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
                 torn.unlink()
         seed_everything(cfg.seed)  # identical initial weights on every process
@@ -202,17 +218,27 @@ class Trainer:
         self._val_s = 0.0  # time spent validating in this call, left out of the training wall time
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
         if self.state is not None:
-            self.s.method.load_state_dict(self.state["method"])
-            self.s.optimizer.load_state_dict(self.state["optimizer"])
-            self.start = int(self.state["iteration"])
-            self.wall_before = float(self.state.get("wall_s", 0.0))
-            self.best = dict(self.state.get("best", self.best))
-            rng = self.state["rng"]
-            _restore_rng(rng[self.dist.rank] if isinstance(rng, list) and len(rng) == self.dist.world else
-                         rng[0] if isinstance(rng, list) else rng)
+            self._restore(self.state)
         if self.dist.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Weights, optimiser, position and RNG of a checkpoint; a damaged one is a `CheckpointError`."""
+        try:
+            self.s.method.load_state_dict(state["method"])
+            self.s.optimizer.load_state_dict(state["optimizer"])
+            self.start = int(state["iteration"])
+            self.wall_before = float(state.get("wall_s", 0.0))
+            self.best = dict(state.get("best", self.best))
+            rng = state["rng"]
+            _restore_rng(rng[self.dist.rank] if isinstance(rng, list) and len(rng) == self.dist.world else
+                         rng[0] if isinstance(rng, list) else rng)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = " ".join(str(exc).split())[:240] or type(exc).__name__
+            raise CheckpointError(f"{self.out / CHECKPOINT}: its saved state does not fit this run "
+                                  f"({type(exc).__name__}: {first}); the checkpoint is damaged, or the data changed "
+                                  "since it was written") from None
 
     def _payload(self, iteration: int) -> dict[str, Any]:
         rng = self.dist.gather(_rng_state())  # a collective: every process calls it
@@ -287,6 +313,13 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
 
     def run(self) -> Path:
+        """Train to `cfg.iterations`; the run folder's lock is released at the end, whatever happens."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Path:
         cfg, method, optimizer, device = self.cfg, self.s.method, self.s.optimizer, self.s.device
         if self.start >= cfg.iterations:
             return self.out / CHECKPOINT
