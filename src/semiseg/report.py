@@ -43,9 +43,13 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     streams: dict[bool, list[dict[str, float]]] = {False: [], True: []}  # loss records, validation records
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue  # a line torn by a run killed mid-write
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int | float) and all(
+                isinstance(v, int | float) for k, v in record.items() if k.startswith(("loss", "lr", "val_dice"))):
             stream = streams["val_dice" in record]
             while stream and stream[-1]["iteration"] >= record["iteration"]:
                 stream.pop()

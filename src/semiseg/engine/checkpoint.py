@@ -19,15 +19,27 @@ FORMAT = "semiseg-checkpoint"
 VERSION = 1
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, I/O error); the previous file, if any, is intact."""
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a reader sees either the old complete file or the new complete file."""
+    """Atomic write: a reader sees either the old complete file or the new complete file.
+
+    A failed write (e.g. a full disk) removes its temporary file and raises `CheckpointWriteError`.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write of its archive as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+        raise CheckpointWriteError(f"writing {path.name} failed ({reason})") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import numpy as np
 from .. import __version__
 from ..config import TrainConfig, load_yaml
 from ..data import Layout, open_dataset
-from ..data.prepare import parse_sizes
+from ..data.h5 import read_array
+from ..data.prepare import parse_sizes, read_volume
 from ..errors import ConfigError, DataError
 from .checkpoint import check_writable, load_checkpoint, restore_method
 from .inference import predict_volume
@@ -229,12 +230,12 @@ def read_prediction(folder: Path, case_id: str) -> np.ndarray:
                     key = next((k for k in ("label", "pred", "prediction") if k in f), None)
                     if key is None:
                         raise DataError(f"{path}: no 'label' or 'pred' dataset (found {list(f.keys())})")
-                    return np.asarray(f[key][()])
-            except OSError as exc:
-                raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
-        import nibabel as nib
-
-        return np.asarray(nib.load(str(path)).dataobj)
+                    return read_array(path, f, key)
+            except DataError:
+                raise
+            except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError...
+                raise DataError(f"{path}: unreadable HDF5 file ({type(exc).__name__}: {exc})") from None
+        return read_volume(path).data
     raise DataError(f"{folder}: no prediction for case {case_id!r} (looked for {case_id}.h5, .nii.gz, .nii)")
 
 

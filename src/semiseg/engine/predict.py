@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..data.h5 import Case, validate_case
+from ..data.h5 import Case, read_array, validate_case
 from ..data.layouts.nnunet import find_prepared
 from ..data.prepare import CHANNEL_FILE, PREPARED, Recipe, Volume, read_volume, split_suffix, write_label_like
 from ..errors import DataError
@@ -91,9 +91,11 @@ def _read_h5(path: Path) -> np.ndarray:
         with h5py.File(path, "r") as f:
             if "image" not in f:
                 raise DataError(f"{path}: no 'image' dataset (found {list(f.keys())})")
-            return np.asarray(f["image"][()], dtype=np.float32)
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
+            return read_array(path, f, "image").astype(np.float32)
+    except DataError:
+        raise
+    except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError, ValueError...
+        raise DataError(f"{path}: unreadable HDF5 file ({type(exc).__name__}: {exc})") from None
 
 
 def _normalise(image: np.ndarray, scheme: str) -> np.ndarray:
