@@ -38,10 +38,12 @@ NETS = {2: _Conv(2).eval(), 3: _Conv(3).eval()}
 
 @st.composite
 def volumes_and_windows(draw):
+    """Any volume, patch (may exceed it) and stride, with at most about 3 windows per axis: the shapes and
+    edge cases are what matter, and a 1-voxel patch at stride 1 would spend a minute in thousands of windows."""
     dims = draw(st.sampled_from([2, 3]))
     size = tuple(draw(st.integers(1, 14)) for _ in range(dims))
-    patch = tuple(draw(st.integers(1, 12)) for _ in range(dims))  # may exceed the volume
-    stride = tuple(draw(st.integers(1, p)) for p in patch)
+    patch = tuple(draw(st.integers(max(1, s // 3), 12)) for s in size)
+    stride = tuple(draw(st.integers(min(p, max(1, -(-(s - p) // 2))), p)) for s, p in zip(size, patch, strict=True))
     return size, patch, stride
 
 
