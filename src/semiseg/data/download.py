@@ -198,10 +198,10 @@ def download_la(out: Path, base_url: str = LA_URL, workers: int = 4, attempts: i
     from ..engine.checkpoint import check_writable
 
     out = Path(out)
+    check_writable(out)  # before any work
     sums = sums or la_resource("SHA256SUMS")
     entries = read_sums(sums)
     known = read_sizes(sizes or la_resource("SIZES"))
-    check_writable(out)
     for name in ("train.list", "test.list"):
         _copy_in(la_resource(name), out / name)
     _copy_in(sums, out / "SHA256SUMS")
