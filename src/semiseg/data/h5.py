@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 
 DEFAULT_MAX_VOXELS = 1 << 28  # 268 M voxels: 1 GiB as float32, above any volume of the supported datasets
 
@@ -81,7 +81,7 @@ def read_case(path: Path, case_id: str, num_classes: int, with_label: bool = Tru
     except DataError:
         raise
     except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError, ValueError...
-        raise DataError(f"{path}: not a readable HDF5 file ({type(exc).__name__}: {exc}); the file is truncated or "
+        raise DataError(f"{path}: not a readable HDF5 file ({one_line(exc)}); the file is truncated or "
                         "corrupt, download or regenerate it") from None
     return validate_case(Case(case_id, image, label, path), num_classes, spatial_dims)
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .h5 import check_declared_size, write_case
 
 CACHE_DIR = "semiseg-prepared"
@@ -148,7 +148,7 @@ def read_volume(path: Path) -> Volume:
     except DataError:
         raise
     except Exception as exc:  # nibabel / pynrrd / zlib raise many types for damaged files
-        raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: unreadable image ({one_line(exc)})") from None
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     return Volume(data, affine, header)
@@ -325,7 +325,7 @@ def _read_dataset_json(folder: Path, problems: list[Problem]) -> DatasetInfo | N
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        problems.append(Problem(path, f"not valid JSON ({type(exc).__name__}: {exc})"))
+        problems.append(Problem(path, f"not valid JSON ({one_line(exc)})"))
         return None
     example = ("e.g. {\"channel_names\": {\"0\": \"MRI\"}, \"labels\": {\"background\": 0, \"tumour\": 1}, "
                "\"file_ending\": \".nii.gz\"}")

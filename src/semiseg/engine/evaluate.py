@@ -22,7 +22,7 @@ from ..config import TrainConfig, load_yaml
 from ..data import Layout, open_dataset
 from ..data.h5 import read_array
 from ..data.prepare import parse_sizes, read_volume
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, one_line
 from .checkpoint import check_writable, load_checkpoint, restore_method
 from .inference import predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
@@ -234,7 +234,7 @@ def read_prediction(folder: Path, case_id: str) -> np.ndarray:
             except DataError:
                 raise
             except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError...
-                raise DataError(f"{path}: unreadable HDF5 file ({type(exc).__name__}: {exc})") from None
+                raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)})") from None
         return read_volume(path).data
     raise DataError(f"{folder}: no prediction for case {case_id!r} (looked for {case_id}.h5, .nii.gz, .nii)")
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..data.h5 import Case, read_array, validate_case
 from ..data.layouts.nnunet import find_prepared
 from ..data.prepare import CHANNEL_FILE, PREPARED, Recipe, Volume, read_volume, split_suffix, write_label_like
-from ..errors import DataError
+from ..errors import DataError, one_line
 from .checkpoint import check_writable, load_checkpoint, restore_method
 from .evaluate import resolve_checkpoint
 from .inference import predict_volume
@@ -95,7 +95,7 @@ def _read_h5(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError, ValueError...
-        raise DataError(f"{path}: unreadable HDF5 file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)})") from None
 
 
 def _normalise(image: np.ndarray, scheme: str) -> np.ndarray:
