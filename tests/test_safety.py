@@ -234,3 +234,27 @@ def test_lock_is_exclusive_within_one_process_and_released(tmp_path: Path) -> No
     with FolderLock(tmp_path, "third"):
         assert json.loads((tmp_path / LOCK).read_text())["command"] == "third"
     assert not (tmp_path / LOCK).exists()
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """A DataLoader worker outliving a killed run must not hold its folder: forked children drop the lock."""
+    lock = FolderLock(tmp_path, "parent").acquire()
+    read, write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: say it runs (the fork hooks have run), then live until the parent has checked
+        os.close(write)
+        os.write(ready_write, b"r")
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    os.read(ready_read, 1)
+    try:
+        assert lock._fd is not None
+        os.close(lock._fd)  # the run dies as under SIGKILL: its descriptor closes, the lock file stays
+        lock._fd = None
+        with FolderLock(tmp_path, "next run"):  # the child lives on, yet the folder is free
+            pass
+    finally:
+        os.write(write, b"x")
+        os.waitpid(pid, 0)

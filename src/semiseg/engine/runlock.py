@@ -3,11 +3,13 @@
 The lock is an advisory `flock` on `<folder>/.semiseg.lock`, which the kernel releases when its process
 dies however it dies, so a crashed run never leaves the folder stuck: the next writer takes the lock
 over and says whose it was (the file records pid, host, command and start time). A second writer while
-the first is alive is refused, naming the first.
+the first is alive is refused, naming the first. Forked children (DataLoader workers) close their copy
+of the descriptor at once, so a worker outliving a killed run does not keep its folder locked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,6 +23,18 @@ from typing import Any
 from ..errors import SemisegError
 
 LOCK = ".semiseg.lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _forget_in_child() -> None:
+    """After a fork: the child is not the writer, so it drops its copies (the parent's lock stays)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class FolderBusyError(SemisegError):
@@ -41,6 +55,7 @@ class FolderLock:
         self.path = self.folder / LOCK
         self.command = command
         self._fd: int | None = None
+        self._owner = 0  # the pid that acquired it: a forked child never releases its parent's lock
 
     def _read(self, fd: int) -> dict[str, Any]:
         try:
@@ -86,13 +101,15 @@ class FolderLock:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
-        self._fd = fd
+        self._fd, self._owner = fd, os.getpid()
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
         """Remove the lock file, then unlock (in that order, so a waiting writer re-checks the file)."""
-        if self._fd is None:
+        if self._fd is None or self._owner != os.getpid():
             return
+        _HELD.discard(self._fd)
         try:
             self.path.unlink(missing_ok=True)
         finally:
