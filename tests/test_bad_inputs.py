@@ -30,13 +30,6 @@ TINY = {"labeled": 2, "iterations": 4, "patch_size": (32, 32, 16), "stride": (16
         "num_workers": 0, "log_every": 1, "checkpoint_every": 2}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: str) -> Path:
-    run = tmp_path_factory.mktemp("bad-inputs") / "run"
-    Trainer(build_config("supervised", None, {"data": tiny_synthetic, **TINY}), run, progress=False).run()
-    return run
-
-
 def _cli(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     from semiseg.cli import main
 

@@ -96,17 +96,6 @@ TINY = {"labeled": 2, "iterations": 2, "patch_size": (32, 32, 16), "stride": (16
         "num_workers": 0, "log_every": 1, "checkpoint_every": 2}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: str) -> Path:
-    """A 2-iteration supervised run on the tiny synthetic data (shared by the tests of this module)."""
-    from semiseg.config import build_config
-    from semiseg.engine.trainer import Trainer
-
-    run = tmp_path_factory.mktemp("safety") / "run"
-    Trainer(build_config("supervised", None, {"data": tiny_synthetic, **TINY}), run, progress=False).run()
-    return run
-
-
 def _data_copy(tiny_synthetic: str, dest: Path) -> Path:
     from semiseg.data import open_dataset
 
@@ -213,14 +202,11 @@ def test_second_train_into_a_busy_folder_is_refused_and_a_dead_holder_is_taken_o
 
 def test_evaluate_into_a_busy_folder_is_refused(tiny_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "eval"
-    holder = _holder(out)
-    try:
+    out.mkdir()
+    with FolderLock(out, "semiseg evaluate"):  # another writer (the lock is exclusive within a process too)
         err = _one_line_error(["evaluate", str(tiny_run), "--out", str(out)], capsys, monkeypatch)
-        assert "another semiseg process is writing into this folder" in err
+        assert f"another semiseg process is writing into this folder (pid {os.getpid()}" in err
         assert list(out.iterdir()) == [out / LOCK]
-    finally:
-        holder.kill()
-        holder.wait()
     assert _cli(["evaluate", str(tiny_run), "--out", str(out)], capsys, monkeypatch)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["cases.csv", "summary.json"]
 
