@@ -51,3 +51,16 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest 
     if TRIED:
         detail = ", ".join(f"{kind} {n}" for kind, n in sorted(TRIED.items()))
         terminalreporter.write_line(f"fuzzed inputs tried: {sum(TRIED.values())} ({detail})")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: str) -> Path:
+    """A finished 4-iteration supervised run on `tiny_synthetic` (checkpoints at 2 and 4); copy it to change it."""
+    from semiseg.config import build_config
+    from semiseg.engine.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    overrides = {"data": tiny_synthetic, "labeled": 2, "iterations": 4, "patch_size": (32, 32, 16),
+                 "stride": (16, 16, 8), "n_filters": 4, "num_workers": 0, "log_every": 1, "checkpoint_every": 2}
+    Trainer(build_config("supervised", None, overrides), run, progress=False).run()
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
@@ -29,6 +30,8 @@ class FileServer:
         self.files = files
         self.cut_once: set[str] = set()
         self.corrupt: set[str] = set()
+        self.endless: set[str] = set()  # body without Content-Length that goes on past the file (8 MiB of junk)
+        self.slow: set[str] = set()  # one byte every 0.2 s, each read well within the socket timeout
         self.ranges = True
         self.requests: list[tuple[str, str | None]] = []
         server = self
@@ -57,6 +60,20 @@ class FileServer:
                 else:
                     self.send_response(200)
                 rest = body[start:]
+                if name in server.endless or name in server.slow:
+                    self.end_headers()
+                    try:
+                        if name in server.endless:
+                            self.wfile.write(rest)
+                            for _ in range(8):
+                                self.wfile.write(b"\0" * (1 << 20))
+                        for i in range(25 if name in server.slow else 0):
+                            self.wfile.write(rest[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client gave up, as it should
+                    return
                 self.send_header("Content-Length", str(len(rest)))
                 self.end_headers()
                 if name in server.cut_once:
@@ -84,6 +101,7 @@ def served(tmp_path: Path):
         files[f"{case_id}/mri_norm2.h5"] = path.read_bytes()
     sums = tmp_path / "SHA256SUMS"
     sums.write_text("".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()))
+    (tmp_path / "SIZES").write_text("".join(f"{len(b)}  {n}\n" for n, b in files.items()))
     server = FileServer(files)
     server.thread.start()
     yield server, sums, tmp_path / "LA"
@@ -232,3 +250,68 @@ def test_cli_reports_every_bad_file_and_exits_2(served, monkeypatch: pytest.Monk
     assert "100 of 100 files failed" in err and err.count("does not match the expected") == 3
     assert err.count("Not Found") == 97
     assert not list((out / CASES_DIR).rglob("*.h5")) and _parts(out) == []
+
+
+# ---- hostile servers and planted links (issue 15): bounded size and time, nothing followed -----------------------
+
+def test_endless_body_is_cut_at_the_expected_size_and_removed(served) -> None:
+    server, sums, out = served
+    name = f"{IDS[0]}/mri_norm2.h5"
+    server.endless.add(name)
+    with pytest.raises(DownloadError, match=rf"{name}: download .* more than the expected "
+                                            rf"{len(server.files[name])} bytes; the partial file was removed"):
+        download_la(out, server.url, workers=1, sums=sums, sizes=sums.with_name("SIZES"))
+    assert not (out / CASES_DIR / name).exists() and _parts(out) == []
+    assert len(server.gets(name)) == 1  # not retried
+
+
+def test_trickling_server_meets_the_overall_deadline(served) -> None:
+    server, sums, out = served
+    name = f"{IDS[1]}/mri_norm2.h5"
+    server.slow.add(name)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=rf"{name}: download .* not complete within the deadline"):
+        download_la(out, server.url, workers=1, sums=sums, timeout=2.0, deadline_s=1.0)
+    assert time.monotonic() - started < 4.0  # the 25-byte trickle would take 5 s; each read is within 2 s
+    assert _parts(out) == [] and not (out / CASES_DIR / name).exists()
+
+
+def test_symlinked_part_is_not_followed(served, tmp_path: Path) -> None:
+    server, sums, out = served
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    name = f"{IDS[0]}/mri_norm2.h5"
+    part = out / CASES_DIR / f"{name}.part"
+    part.parent.mkdir(parents=True)
+    part.symlink_to(victim)
+    with pytest.raises(DownloadError, match=r"mri_norm2.h5.part: the partial download is a symbolic link"):
+        download_la(out, server.url, workers=1, sums=sums)
+    assert victim.read_text() == "precious" and part.is_symlink()
+
+
+def test_split_lists_replace_a_planted_link_instead_of_writing_through_it(served, tmp_path: Path) -> None:
+    server, sums, out = served
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out.mkdir()
+    (out / "train.list").symlink_to(victim)
+    download_la(out, server.url, workers=1, sums=sums)
+    assert victim.read_text() == "precious" and not (out / "train.list").is_symlink()
+
+
+def test_sums_entries_must_stay_inside_the_dataset_folder(tmp_path: Path) -> None:
+    for name in ("../../evil.h5", "/etc/evil.h5", "a/../../b.h5"):
+        path = tmp_path / "SHA256SUMS"
+        path.write_text(f"{'0' * 64}  ok/mri_norm2.h5\n{'0' * 64}  {name}\n")
+        with pytest.raises(DataError, match=r"SHA256SUMS:2: path .* would lead outside the dataset folder"):
+            read_sums(path)
+
+
+def test_shipped_sizes_list_every_file_of_the_sums(la_root: Path) -> None:
+    from semiseg.data.download import read_sizes
+
+    sizes = read_sizes(la_resource("SIZES"))
+    names = [name for _, name in read_sums(la_resource("SHA256SUMS"))]
+    assert sorted(sizes) == sorted(names)
+    for name in names[:5]:
+        assert (la_root / CASES_DIR / name).stat().st_size == sizes[name]

@@ -1,10 +1,15 @@
-"""Property-based and fuzz tests: sliding window and metrics over random shapes, readers over damaged files.
+"""Property-based and fuzz tests: sliding window and metrics over random shapes, readers over damaged files,
+and every class of bad input of issue 15 (case ids, dataset.json, h5 kinds and declared sizes, NIfTI headers,
+checkpoint payloads, run configs, summaries, sums files).
 
-Nothing may fail with anything but a clear `DataError` (or a valid result).
+Nothing may fail with anything but a clear one-line `SemisegError` (or a valid result). The count of inputs
+tried is printed at the end of the run (conftest.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,10 +43,12 @@ NETS = {2: _Conv(2).eval(), 3: _Conv(3).eval()}
 
 @st.composite
 def volumes_and_windows(draw):
+    """Any volume, patch (may exceed it) and stride, with at most about 3 windows per axis: the shapes and
+    edge cases are what matter, and a 1-voxel patch at stride 1 would spend a minute in thousands of windows."""
     dims = draw(st.sampled_from([2, 3]))
     size = tuple(draw(st.integers(1, 14)) for _ in range(dims))
-    patch = tuple(draw(st.integers(1, 12)) for _ in range(dims))  # may exceed the volume
-    stride = tuple(draw(st.integers(1, p)) for p in patch)
+    patch = tuple(draw(st.integers(max(1, s // 3), 12)) for s in size)
+    stride = tuple(draw(st.integers(min(p, max(1, -(-(s - p) // 2))), p)) for s, p in zip(size, patch, strict=True))
     return size, patch, stride
 
 
@@ -196,3 +203,267 @@ def test_checkpoint_loader_on_damaged_files_raises_only_checkpoint_errors(data) 
             assert str(path) in str(exc)
         else:
             assert payload["format"] == "semiseg-checkpoint"
+
+
+# ---- the input classes of issue 15: ids, dataset.json, h5 kinds, NIfTI headers, checkpoints, configs, sums ----------
+
+@contextlib.contextmanager
+def _voxel_limit(limit: int):
+    """A low declared-size limit, so fuzzed headers that declare big arrays are refused, never allocated."""
+    old = os.environ.get("SEMISEG_MAX_VOXELS")
+    os.environ["SEMISEG_MAX_VOXELS"] = str(limit)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SEMISEG_MAX_VOXELS"]
+        else:
+            os.environ["SEMISEG_MAX_VOXELS"] = old
+
+
+HOSTILE_IDS = st.sampled_from(["..", ".", "../x", "/abs/x", "a/b", "..\\x", "x\0y", "", " ", "~", "-rf", "a..b",
+                               "C:x", "\u202e", "case.h5", "..."])
+IDS = st.one_of(HOSTILE_IDS, st.text(max_size=12), st.text(alphabet="./\\ab", max_size=8))
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(IDS, min_size=1, max_size=5))
+def test_split_list_ids_are_accepted_only_when_they_stay_in_their_folder(ids: list[str]) -> None:
+    from semiseg.data.layouts.base import read_list
+
+    tried("split-list case ids")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        path = root / "test.list"
+        path.write_bytes("\n".join(ids).encode("utf-8", "surrogatepass"))
+        try:
+            accepted = read_list(path)
+        except DataError as exc:
+            assert str(exc).startswith(f"{path}:") and len(str(exc).splitlines()) == 1
+            return
+        for case_id in accepted:
+            for built in (root / f"{case_id}.h5", root / "cases" / f"{case_id}.png", root / case_id / "x.h5"):
+                assert root.resolve() in built.resolve().parents
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats() | st.text(max_size=6),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children,
+                                                                                       max_size=3), max_leaves=8)
+FIELDS = ("channel_names", "labels", "file_ending", "unlabeled", "numTraining", "name")
+
+
+@st.composite
+def dataset_jsons(draw):
+    """Arbitrary JSON, or a dataset.json whose known fields hold arbitrary values (near misses)."""
+    if draw(st.booleans()):
+        return draw(JSON)
+    meta = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}
+    for key in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
+        meta[key] = draw(JSON | st.dictionaries(st.sampled_from(["0", "1", "x", "-1"]), JSON, max_size=3))
+    return meta
+
+
+@settings(max_examples=200, deadline=None)
+@given(dataset_jsons())
+def test_any_dataset_json_gives_info_or_named_problems(meta) -> None:  # noqa: ANN001 - any JSON value
+    import json
+
+    from semiseg.data.prepare import _read_dataset_json
+
+    tried("dataset.json documents")
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "dataset.json").write_text(json.dumps(meta))
+        problems: list = []
+        info = _read_dataset_json(Path(folder), problems)
+        assert (info is None) == bool(problems)
+        assert all(p.path == Path(folder) / "dataset.json" and "\n" not in p.message for p in problems)
+        if info is not None:
+            assert all(isinstance(n, str) for n in info.channel_names) and info.file_ending.startswith(".")
+
+
+H5_KINDS = ["f4", "f8", "i2", "u1", "?", "S3", "c8", "compound", "vlen-str", "group", "scalar", "declared-huge",
+            "empty"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(H5_KINDS), st.sampled_from(H5_KINDS), st.lists(st.integers(1, 5), min_size=2, max_size=4))
+def test_h5_arrays_of_any_kind_and_declared_size_are_read_or_named(image_kind: str, label_kind: str,
+                                                                   shape: list[int]) -> None:
+    tried("h5 array kinds and declared sizes")
+
+    def put(f: h5py.File, key: str, kind: str) -> None:
+        if kind == "group":
+            f.create_group(key)
+        elif kind == "compound":
+            f.create_dataset(key, data=np.zeros(shape, dtype=[("a", "f4"), ("b", "i2")]))
+        elif kind == "vlen-str":
+            f.create_dataset(key, data=np.full(shape, "x", dtype=object), dtype=h5py.string_dtype())
+        elif kind == "scalar":
+            f.create_dataset(key, data=1.0)
+        elif kind == "declared-huge":
+            f.create_dataset(key, shape=(4000, 4000, 4000), dtype="f4", chunks=(16, 16, 16), compression="gzip")
+        elif kind == "empty":
+            f.create_dataset(key, shape=(0, *shape[1:]), dtype="f4")
+        else:
+            f.create_dataset(key, data=np.ones(shape, dtype=kind))
+
+    with tempfile.TemporaryDirectory() as folder, _voxel_limit(100_000):
+        path = Path(folder) / "case.h5"
+        with h5py.File(path, "w") as f:
+            put(f, "image", image_kind)
+            put(f, "label", label_kind)
+        try:
+            case = read_case(path, "case", num_classes=2, spatial_dims=len(shape))
+        except DataError as exc:
+            assert str(exc).startswith(f"{path}:") and len(str(exc).splitlines()) == 1
+        else:
+            assert case.image.dtype == np.float32 and case.label.shape == case.image.shape[1:]
+
+
+NIFTI_CODES = [2, 4, 8, 16, 64, 256, 512, 768, 32, 128, 1792, 2304]  # numeric, complex, RGB / RGBA
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(-2, 32767), min_size=1, max_size=5), st.sampled_from(NIFTI_CODES),
+       st.sampled_from([1.0, 0.0, 1e38, -1e38, float("nan"), float("inf"), 1e-30]),
+       st.sampled_from([0.0, 1e38, float("nan")]), st.sampled_from([352, 0, 348, 10**6]))
+def test_nifti_headers_with_any_dims_type_and_scaling_are_read_or_named(dims: list[int], code: int, slope: float,
+                                                                       inter: float, offset: int) -> None:
+    import nibabel as nib
+
+    from semiseg.data.prepare import Problem, _check_image, read_volume
+
+    tried("NIfTI header fields")
+    header = nib.Nifti1Header()
+    raw = header.binaryblock
+    header = nib.Nifti1Header(raw)
+    header["dim"][0] = len(dims)
+    header["dim"][1:len(dims) + 1] = dims
+    header["datatype"] = code
+    header["bitpix"] = 8 * max(1, {2: 1, 4: 2, 8: 4, 16: 4, 64: 8, 256: 1, 512: 2, 768: 4, 32: 8, 128: 3, 1792: 16,
+                                    2304: 4}[code])
+    header["scl_slope"], header["scl_inter"], header["vox_offset"] = slope, inter, offset
+    with tempfile.TemporaryDirectory() as folder, _voxel_limit(1_000_000):
+        path = Path(folder) / "scan.nii"
+        body = np.random.default_rng(len(dims)).integers(0, 255, 6000, dtype=np.uint8).tobytes()
+        path.write_bytes(header.binaryblock + b"\0" * 4 + body)
+        try:
+            volume = read_volume(path)
+        except DataError as exc:
+            assert str(exc).startswith(f"{path}:") and len(str(exc).splitlines()) == 1
+            return
+        problems: list[Problem] = []
+        if _check_image(path, volume, None, problems):
+            assert np.isfinite(np.asarray(volume.data, dtype=np.float32)).all()
+        else:
+            assert len(problems) == 1 and problems[0].path == path
+
+
+def _small_payload() -> dict:
+    from semiseg.config import build_config
+    from semiseg.methods.base import NetSpec
+
+    cfg = build_config("supervised", None, {"n_filters": 4, "patch_size": (32, 32)})
+    spec = NetSpec(1, 2, 2, 4)
+    method = cfg.method_class()(cfg.method_params(), spec)
+    return {"format": "semiseg-checkpoint", "version": 1, "config": cfg.model_dump(mode="json"),
+            "spec": {"in_channels": 1, "num_classes": 2, "spatial_dims": 2, "n_filters": 4, "norm": "batchnorm",
+                     "dropout": 0.5}, "iteration": 3, "method": method.state_dict()}
+
+
+PAYLOAD = _small_payload()
+ANY = JSON | st.sampled_from([10**6, 4096, 0, -1, 2, 3, "batchnorm", True, 1e300])
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["drop", "top", "spec", "config", "tensor"]), st.data()), max_size=3))
+def test_checkpoint_payloads_wrong_inside_restore_or_name_the_file(changes) -> None:  # noqa: ANN001 - drawn pairs
+    from semiseg.engine.checkpoint import restore_method
+    from semiseg.errors import CheckpointError
+
+    tried("checkpoint payloads")
+    payload = {**PAYLOAD, "config": dict(PAYLOAD["config"]), "spec": dict(PAYLOAD["spec"]),
+               "method": dict(PAYLOAD["method"])}
+    for where, data in changes:
+        if where == "drop":
+            payload.pop(data.draw(st.sampled_from(["config", "spec", "method", "iteration"])), None)
+        elif where == "top":
+            payload[data.draw(st.sampled_from(["config", "spec", "method", "iteration"]))] = data.draw(ANY)
+        elif where in ("spec", "config") and isinstance(payload.get(where), dict):
+            keys = sorted(payload[where]) + ["bogus"]
+            payload[where][data.draw(st.sampled_from(keys))] = data.draw(ANY)
+        elif where == "tensor" and isinstance(payload.get("method"), dict) and payload["method"]:
+            key = data.draw(st.sampled_from(sorted(payload["method"])))
+            payload["method"][key] = torch.zeros(data.draw(st.lists(st.integers(0, 3), max_size=3)))
+    path = Path("fuzzed.pt")
+    try:
+        cfg, spec, method = restore_method(path, payload, torch.device("cpu"))
+    except CheckpointError as exc:
+        assert str(exc).startswith(f"{path}: ") and len(str(exc).splitlines()) == 1
+    else:  # accepted: the network built holds exactly the stored weights (the 2D UNet ignores n_filters)
+        assert cfg.method == "supervised" and spec.spatial_dims == 2
+        state = method.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in payload["method"].items())
+
+
+CONFIG_KEYS = ["method", "data", "labeled", "iterations", "patch_size", "lr", "params", "seed", "val", "bogus"]
+YAML_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["!!python/object/apply:os.system ['true']", "- 1\n- 2", "a: &x [*x]", "{", "null", "3",
+                     "method: !!binary AAAA", "? [a]\n: 1", "\ufeffmethod: supervised", "method:\n  - nested"]),
+    st.dictionaries(st.sampled_from(CONFIG_KEYS), ANY, max_size=4).map(lambda d: __import__("yaml").safe_dump(d)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(YAML_TEXT)
+def test_run_config_files_load_or_name_the_file(text: str) -> None:
+    from semiseg.config import load_yaml, saved_config
+    from semiseg.errors import ConfigError
+
+    tried("run config.yaml texts")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(text, errors="surrogatepass")
+        try:
+            cfg = saved_config(load_yaml(path), path)
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{path}: ") and len(str(exc).splitlines()) == 1
+        else:
+            assert cfg.method_params() is not None
+
+
+@settings(max_examples=100, deadline=None)
+@given(JSON | st.fixed_dictionaries({"metrics": JSON, "cases": st.lists(JSON, max_size=2)}))
+def test_summaries_of_evaluate_read_or_name_the_file(summary) -> None:  # noqa: ANN001 - any JSON value
+    import json
+
+    from semiseg.report import read_summary
+
+    tried("summary.json documents")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "summary.json"
+        path.write_text(json.dumps(summary))
+        try:
+            read_summary(path)
+        except DataError as exc:
+            assert str(exc).startswith(f"{path}: ")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["0" * 64, "abc", "f" * 64]), st.sampled_from(["  ", " ", "\t"]),
+                          IDS | st.sampled_from(["a/mri_norm2.h5", "../../etc/x", "/etc/x", "a//b"])), max_size=4))
+def test_sums_files_give_confined_paths_or_name_the_line(lines: list[tuple[str, str, str]]) -> None:
+    from semiseg.data.download import read_sums
+
+    tried("SHA256SUMS lines")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        path = root / "SHA256SUMS"
+        path.write_text("\n".join(f"{d}{sep}{name}" for d, sep, name in lines).replace("\0", ""), errors="replace")
+        try:
+            entries = read_sums(path)
+        except DataError as exc:
+            assert str(exc).startswith(f"{path}:")
+            return
+        for _, name in entries:
+            assert root.resolve() in (root / "cases" / name).resolve().parents

@@ -60,7 +60,49 @@ def _with_nans(count: int) -> np.ndarray:
     return image
 
 
+def _scaled(slope: float) -> Callable[[Path], object]:
+    """An int16 image whose NIfTI scl_slope makes its values huge (Inf in float32)."""
+    def write(root: Path) -> None:
+        img = nib.Nifti1Image(np.random.default_rng(0).integers(1, 30000, SHAPE).astype(np.int16), AFFINE)
+        img.header.set_slope_inter(slope, 0.0)
+        nib.save(img, str(_image(root)))
+    return write
+
+
+def _header_only(shape: tuple[int, ...], dtype: type = np.float32) -> Callable[[Path], object]:
+    """A .nii.gz whose header declares `shape` but holds only a few voxels (a damaged or hostile header)."""
+    def write(root: Path) -> None:
+        header = nib.Nifti1Header()
+        header.set_data_dtype(dtype)
+        header.set_data_shape(shape)
+        header.set_qform(AFFINE, 1)
+        blob = header.binaryblock + b"\0" * (352 - len(header.binaryblock)) + b"\0" * 4096
+        _image(root).write_bytes(gzip.compress(blob))
+    return write
+
+
 CASES: dict[str, tuple[Callable[[Path], object], Callable[[Path], Path], str]] = {
+    "dataset.json null": (lambda r: (r / "dataset.json").write_text("null"), lambda r: r / "dataset.json",
+                          "must be a JSON object, got NoneType"),
+    "channel_names a list": (lambda r: _meta(r, channel_names=["T2", "CT"]), lambda r: r / "dataset.json",
+                             "channel_names must be a non-empty object"),
+    "labels a list": (lambda r: _meta(r, labels=["background", "lower"]), lambda r: r / "dataset.json",
+                      "labels must be a non-empty object"),
+    "channel_names non-integer keys": (lambda r: _meta(r, channel_names={"zero": "T2", "one": "CT"}),
+                                       lambda r: r / "dataset.json", 'channel_names keys must be "0".."1"'),
+    "unlabeled not a list": (lambda r: _meta(r, unlabeled="toy_001"), lambda r: r / "dataset.json",
+                             "unlabeled must be a list"),
+    "label Inf": (lambda r: _relabel(r, lambda d: np.where(d == 2, np.inf, d).astype(np.float32)), _label,
+                  "label holds [0-9]+ NaN/Inf values"),
+    "label 1e20": (lambda r: _relabel(r, lambda d: np.where(d == 2, 1e20, d).astype(np.float64)), _label,
+                   r"label values \[1e\+20\] are not declared in dataset.json labels \[0, 1, 2\]"),
+    "scl_slope 1e38": (_scaled(1e38), _image, r"image values reach [0-9.]+e\+4[0-9], beyond what float32"),
+    "values of 3e38": (lambda r: save_nifti(_image(r), np.where(_with_nans(0) > 0.5, 3e38, -3e38).astype(
+        np.float32)), _image, r"image values reach 3e\+38"),
+    "absurd NIfTI dimensions": (_header_only((32767, 32767, 32767)), _image,
+                                "the NIfTI header declares a size of 32767x32767x32767 = 35,181,150,961,663 voxels"),
+    "gzip bomb sized header": (_header_only((1024, 1024, 1024), np.uint8), _image,
+                               "declares a size of 1024x1024x1024 .* over the limit of 268,435,456"),
     "no dataset.json": (lambda r: (r / "dataset.json").unlink(), lambda r: r / "dataset.json", "not found"),
     "invalid json": (lambda r: (r / "dataset.json").write_text("{labels: 1"), lambda r: r / "dataset.json",
                      "not valid JSON"),

@@ -70,14 +70,12 @@ def train(
 
 def _check_same_config(cfg: TrainConfig, out: Path) -> None:
     """Re-running the original command with --resume is fine; changing the recipe mid-run is not."""
-    import yaml
-
-    from .config import TrainConfig
+    from .config import load_yaml, saved_config
 
     saved_file = out / "config.yaml"
     if not saved_file.is_file():
         return  # the trainer reports the missing checkpoint
-    saved = TrainConfig(**(yaml.safe_load(saved_file.read_text()) or {})).model_dump(mode="json")
+    saved = saved_config(load_yaml(saved_file), saved_file).model_dump(mode="json")
     wanted = cfg.model_dump(mode="json")
     changed = [f"{k} (run {saved[k]!r}, given {wanted[k]!r})" for k in saved if saved[k] != wanted.get(k)]
     if changed:

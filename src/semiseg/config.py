@@ -174,9 +174,27 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable config file ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     return data
+
+
+def saved_config(values: object, source: Path | str) -> TrainConfig:
+    """The configuration a run saved (its config.yaml or a checkpoint), validated: a damaged or foreign one
+    is a `ConfigError` naming `source`, never a crash."""
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ConfigError(f"{source}: the saved configuration is not a mapping of keys to values; the file is "
+                          "damaged or was not written by `semiseg train`")
+    try:
+        config = TrainConfig(**values)
+        config.method_params()
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: saved configuration: {_describe(exc, 'config key')}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: saved configuration: {exc}") from None
+    return config
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -20,3 +20,9 @@ class ConfigError(SemisegError):
 
 class CheckpointError(SemisegError):
     """A checkpoint is missing, truncated, or not a semiseg checkpoint."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's exception as `Type: message` on one line (some, e.g. nibabel's, span several)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-import yaml
 
 from .errors import DataError
 
@@ -44,9 +43,13 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     streams: dict[bool, list[dict[str, float]]] = {False: [], True: []}  # loss records, validation records
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue  # a line torn by a run killed mid-write
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int | float) and all(
+                isinstance(v, int | float) for k, v in record.items() if k.startswith(("loss", "lr", "val_dice"))):
             stream = streams["val_dice" in record]
             while stream and stream[-1]["iteration"] >= record["iteration"]:
                 stream.pop()
@@ -134,7 +137,7 @@ def plot_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray, class_n
 
 
 def _cell(value: Any, scale: float) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    if not isinstance(value, (int, float)) or not np.isfinite(value):
         return "–"
     return f"{float(value) * scale:.2f}"
 
@@ -181,17 +184,18 @@ figcaption{color:#555}.notes{background:#fff8e1;padding:.5em 1em;border-left:4px
         eu = _with_units("mm" if units.startswith("mm") else "vox")
         parts.append("<h2>Test metrics</h2><table class='summary'><thead><tr>" + "".join(
             f"<th>{eu(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "</tr></thead><tbody><tr>" + "".join(
-            f"<td>{_cell(stats[k]['mean'], s)} ± {_cell(stats[k]['std'], s)}</td>" for k, _, s in METRIC_COLUMNS)
-            + "</tr></tbody></table>")
+            f"<td>{_cell(stats[k].get('mean'), s)} ± {_cell(stats[k].get('std'), s)}</td>"
+            for k, _, s in METRIC_COLUMNS) + "</tr></tbody></table>")
         extra = [k for k in summary["cases"][0] if k not in {"case", *(c for c, _, _ in METRIC_COLUMNS)}]
         head = "".join(f"<th>{eu(h)}</th>" for _, h, _ in METRIC_COLUMNS) + "".join(
             f"<th>{eu(_column_title(k, class_names))}</th>" for k in extra)
         rows = []
         for row in summary["cases"]:
-            case = str(row["case"])
+            case = str(row.get("case"))
             name = f"<a href='#case-{e(case)}'>{e(case)}</a>" if case in overlays else e(case)
-            rows.append(f"<tr><td>{name}</td>" + "".join(f"<td>{_cell(row[k], s)}</td>" for k, _, s in METRIC_COLUMNS)
-                        + "".join(f"<td>{_cell(row[k], 100.0 if k.startswith(('dice', 'jaccard')) else 1.0)}</td>"
+            rows.append(f"<tr><td>{name}</td>" + "".join(f"<td>{_cell(row.get(k), s)}</td>"
+                                                         for k, _, s in METRIC_COLUMNS)
+                        + "".join(f"<td>{_cell(row.get(k), 100.0 if k.startswith(('dice', 'jaccard')) else 1.0)}</td>"
                                   for k in extra) + "</tr>")
         parts.append(f"<h2>Per case</h2><div class='scroll'><table class='cases'><thead><tr><th>Case</th>{head}"
                      f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
@@ -203,16 +207,39 @@ figcaption{color:#555}.notes{background:#fff8e1;padding:.5em 1em;border-left:4px
     return "\n".join(parts)
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    """`summary.json` of `semiseg evaluate`, checked: a damaged or foreign file is a `DataError`, not a crash."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); run `semiseg evaluate` again") from None
+    metric_keys = [k for k, _, _ in METRIC_COLUMNS]
+    ok = (isinstance(summary, dict) and isinstance(summary.get("metrics"), dict)
+          and all(isinstance(summary["metrics"].get(k), dict) for k in metric_keys)
+          and isinstance(summary.get("cases"), list) and summary["cases"]
+          and all(isinstance(row, dict) and all(isinstance(row.get(k), (int, float, type(None))) for k in metric_keys)
+                  for row in summary["cases"])
+          and isinstance(summary.get("protocol", {}), dict))
+    if not ok:
+        raise DataError(f"{path}: not a summary written by `semiseg evaluate` (it needs metrics, cases and "
+                        "protocol); run `semiseg evaluate` again")
+    return summary
+
+
 def write_report(run: Path, out: Path | None = None, data: str | None = None, split: str = "test") -> Report:
     """Build `RUN/report/` (or `out`) from what the run folder holds; missing parts become notes."""
+    from .config import load_yaml
     from .data import open_dataset
+    from .data.layouts.base import check_case_id
+    from .engine.checkpoint import check_writable
     from .engine.evaluate import read_prediction
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise DataError(f"{run}: not a run folder (no config.yaml); give the --out folder of `semiseg train`")
     out = Path(out) if out is not None else run / "report"
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    check_writable(out)  # before any work
+    cfg = load_yaml(run / "config.yaml")
     report = Report(out / "index.html")
     records = read_metrics(run / "metrics.jsonl")
     curves = None
@@ -222,7 +249,7 @@ def write_report(run: Path, out: Path | None = None, data: str | None = None, sp
     else:
         report.notes.append(f"no training log ({run / 'metrics.jsonl'}); curves need a run that logged")
     eval_dir = run / f"eval-{split}"
-    summary = json.loads((eval_dir / "summary.json").read_text()) if (eval_dir / "summary.json").is_file() else None
+    summary = read_summary(eval_dir / "summary.json") if (eval_dir / "summary.json").is_file() else None
     overlays: dict[str, str] = {}
     protocol = (summary or {}).get("protocol", {})
     class_names = tuple(protocol.get("dataset", {}).get("class_names", ()))
@@ -235,11 +262,11 @@ def write_report(run: Path, out: Path | None = None, data: str | None = None, sp
     else:
         layout = open_dataset(data or cfg.get("data", "synthetic"), cfg.get("layout", "auto"))
         class_names = tuple(layout.class_names)
-        for row in summary["cases"]:
-            case_id = str(row["case"])
+        for index, row in enumerate(summary["cases"]):
+            case_id = check_case_id(row.get("case"), f"{eval_dir / 'summary.json'}: cases[{index}]")
             case = layout.read_eval(case_id)
             pred = read_prediction(eval_dir / "predictions", case_id)
-            title = f"{case_id}: Dice {row['dice'] * 100:.2f} %"
+            title = f"{case_id}: Dice {_cell(row.get('dice'), 100.0)} %"
             report.images.append(plot_overlay(case.image[0], case.label, pred, class_names, title,
                                               out / "cases" / f"{case_id}.png"))
             overlays[case_id] = f"cases/{case_id}.png"

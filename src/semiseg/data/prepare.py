@@ -14,10 +14,13 @@ layout reads like the LA files.
 
 from __future__ import annotations
 
+import bz2
+import io
 import json
-import os
 import re
 import shutil
+import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from .h5 import write_case
+from ..errors import DataError, one_line
+from .h5 import check_declared_size, write_case
 
 CACHE_DIR = "semiseg-prepared"
 PREPARED = "prepared.json"
@@ -35,6 +38,7 @@ FORMAT = "semiseg-prepared"
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 CT_SAMPLES_PER_CASE = 10_000
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+FLOAT32_SAFE = 1e30  # no scan holds such intensities; beyond float32's 3.4e38 they would become Inf
 
 
 # ----------------------------------------------------------------------------- reading and writing volumes
@@ -76,25 +80,75 @@ def _nrrd_affine(header: dict[str, Any]) -> np.ndarray:
     return affine
 
 
+def _decompress_bounded(source: Any, encoding: str, limit: int, path: Path) -> bytes:
+    """Decompress a gzip / bzip2 stream, stopping as soon as it yields more than `limit` bytes (a bomb)."""
+    gzip = encoding in ("gzip", "gz")
+    codec: Any = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzip else bz2.BZ2Decompressor()
+    out = bytearray()
+    pending = b""
+    while not codec.eof:
+        if gzip or codec.needs_input:
+            pending = pending or source.read(1 << 20)
+            if not pending:
+                break
+        out += codec.decompress(pending, limit + 1 - len(out))  # never more than one byte past the limit
+        if len(out) > limit:
+            raise DataError(f"{path}: the compressed data holds more than the {limit:,} bytes its header declares; "
+                            "the file is damaged")
+        pending = codec.unconsumed_tail if gzip else b""
+    return bytes(out)
+
+
+def _read_nrrd(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """pynrrd, with the declared size checked first and compressed data decompressed with a bound."""
+    import nrrd
+
+    with open(path, "rb") as fh:
+        header = nrrd.read_header(fh)
+        sizes = tuple(int(v) for v in np.atleast_1d(header.get("sizes", ())))
+        check_declared_size(path, sizes, "the NRRD header")
+        data_file = header.get("datafile", header.get("data file"))
+        skips = header.get("lineskip", header.get("line skip", 0)) or header.get("byteskip", header.get("byte skip", 0))
+        encoding = str(header.get("encoding", "raw"))
+        if data_file is not None:
+            target = Path(data_file) if Path(data_file).is_absolute() else path.parent / data_file
+            if not target.is_file():
+                raise DataError(f"{path}: its data file {data_file!r} is not a regular file next to it")
+        if encoding not in ("gzip", "gz", "bzip2", "bz2") or skips:
+            return nrrd.read_data(header, fh, str(path)), header
+        expected = int(np.prod(sizes, dtype=np.int64)) * nrrd.reader._determine_datatype(header).itemsize
+        if data_file is None:
+            raw = _decompress_bounded(fh, encoding, expected, path)
+        else:
+            with open(target, "rb") as source:
+                raw = _decompress_bounded(source, encoding, expected, path)
+    plain = {k: v for k, v in header.items() if k not in ("datafile", "data file")}
+    return nrrd.read_data({**plain, "encoding": "raw"}, io.BytesIO(raw), str(path)), header
+
+
 def read_volume(path: Path) -> Volume:
-    """Read a NIfTI (nibabel) or NRRD (pynrrd) file; a trailing singleton 4th axis is dropped."""
+    """Read a NIfTI (nibabel) or NRRD (pynrrd) file; a trailing singleton 4th axis is dropped.
+
+    The header's declared size is checked against `max_voxels()` before any voxel is read.
+    """
     path = Path(path)
     _, suffix = split_suffix(path.name)
     try:
         if suffix in (".nrrd", ".nhdr"):
-            import nrrd
-
-            data, header = nrrd.read(str(path))
+            data, header = _read_nrrd(path)
             affine = _nrrd_affine(header) if data.ndim == 3 else np.eye(4)
         else:
             import nibabel as nib
 
             img = nib.load(str(path))
+            check_declared_size(path, tuple(img.shape), "the NIfTI header")
             data, affine, header = np.asarray(img.dataobj), img.affine.copy(), img.header
     except ImportError as exc:
         raise DataError(f"{path}: reading it needs {exc.name}; pip install nibabel pynrrd") from None
+    except DataError:
+        raise
     except Exception as exc:  # nibabel / pynrrd / zlib raise many types for damaged files
-        raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: unreadable image ({one_line(exc)})") from None
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     return Volume(data, affine, header)
@@ -136,8 +190,8 @@ class ChannelNorm:
         return cls(name, "ct" if lowered == "ct" else "none" if lowered in ("nonorm", "none") else "zscore")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        if self.scheme == "zscore":
-            return (x - x.mean()) / max(float(x.std()), 1e-8)
+        if self.scheme == "zscore":  # statistics in float64: float32 sums of large intensities overflow
+            return ((x - x.mean(dtype=np.float64)) / max(float(x.std(dtype=np.float64)), 1e-8)).astype(np.float32)
         if self.scheme == "ct":
             assert self.window is not None and self.mean is not None and self.std is not None
             return (np.clip(x, *self.window) - self.mean) / max(self.std, 1e-8)
@@ -270,21 +324,29 @@ def _read_dataset_json(folder: Path, problems: list[Problem]) -> DatasetInfo | N
         return None
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problems.append(Problem(path, f"not valid JSON ({exc})"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        problems.append(Problem(path, f"not valid JSON ({one_line(exc)})"))
+        return None
+    example = ("e.g. {\"channel_names\": {\"0\": \"MRI\"}, \"labels\": {\"background\": 0, \"tumour\": 1}, "
+               "\"file_ending\": \".nii.gz\"}")
+    if not isinstance(meta, dict):
+        problems.append(Problem(path, f"must be a JSON object, got {type(meta).__name__}; {example}"))
         return None
     missing = [k for k in ("channel_names", "labels") if k not in meta]
     if missing:
-        problems.append(Problem(path, f"missing {', '.join(missing)} (e.g. \"channel_names\": {{\"0\": \"MRI\"}}, "
-                                "\"labels\": {\"background\": 0, \"tumour\": 1})"))
+        problems.append(Problem(path, f"missing {', '.join(missing)} ({example})"))
         return None
-    channels = meta["channel_names"]
-    if sorted(channels, key=int) != [str(i) for i in range(len(channels))]:
-        problems.append(Problem(path, f"channel_names keys must be \"0\"..\"{len(channels) - 1}\", got "
-                                f"{sorted(channels)}"))
+    channels, labels = meta["channel_names"], meta["labels"]
+    for key, value in (("channel_names", channels), ("labels", labels)):
+        if not isinstance(value, dict) or not value:
+            problems.append(Problem(path, f"{key} must be a non-empty object, got {json.dumps(value)[:60]}; {example}"))
+            return None
+    if sorted(channels) != sorted(str(i) for i in range(len(channels))) or not all(
+            isinstance(v, str) for v in channels.values()):
+        problems.append(Problem(path, f"channel_names keys must be \"0\"..\"{len(channels) - 1}\" with names as "
+                                f"values, got {json.dumps(channels)[:80]}"))
         return None
-    labels = meta["labels"]
-    if not all(isinstance(v, int) for v in labels.values()):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
         problems.append(Problem(path, "labels must map names to single integers (region-based labels are "
                                 "not supported)"))
         return None
@@ -293,11 +355,19 @@ def _read_dataset_json(folder: Path, problems: list[Problem]) -> DatasetInfo | N
                                 f"{sorted(labels.values())}"))
         return None
     ending = meta.get("file_ending", ".nii.gz")
-    if ending not in SUFFIXES:
+    if not isinstance(ending, str) or ending not in SUFFIXES:
         problems.append(Problem(path, f"file_ending {ending!r} is not supported; use one of {', '.join(SUFFIXES)}"))
         return None
+    unlabeled = meta.get("unlabeled", [])
+    if not isinstance(unlabeled, list) or not all(isinstance(c, str) for c in unlabeled):
+        problems.append(Problem(path, "unlabeled must be a list of case ids (strings)"))
+        return None
+    count = meta.get("numTraining")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+        problems.append(Problem(path, f"numTraining must be a whole number, got {count!r}"))
+        return None
     return DatasetInfo(str(meta.get("name", folder.name)), [channels[str(i)] for i in range(len(channels))],
-                       dict(labels), ending, list(meta.get("unlabeled", [])), meta.get("numTraining"))
+                       dict(labels), ending, list(unlabeled), count)
 
 
 def _images_by_case(folder: Path, ending: str, n_channels: int, problems: list[Problem]) -> dict[str, list[Path]]:
@@ -414,6 +484,11 @@ def _check_image(path: Path, vol: Volume, reference: Volume | None, problems: li
     if not finite.all():
         problems.append(Problem(path, f"image has {int((~finite).sum())} NaN/Inf voxels; replace them (e.g. with 0)"))
         return False
+    big = float(np.abs(data).max())
+    if big > FLOAT32_SAFE:  # Inf in float32 (e.g. after scl_slope scaling), or overflow when normalised
+        problems.append(Problem(path, f"image values reach {big:.3g}, beyond what float32 preprocessing can hold "
+                                f"(|x| <= {FLOAT32_SAFE:.0e}); check scl_slope / scl_inter or rescale the file"))
+        return False
     if data.min() == data.max():
         problems.append(Problem(path, f"image is empty: every voxel equals {data.min().item()}"))
         return False
@@ -437,10 +512,24 @@ def _check_label(path: Path, vol: Volume, image: Volume, labels: dict[str, int],
     if diff:
         problems.append(Problem(path, f"label geometry differs from its image: {diff}"))
         return False
+    if not np.issubdtype(data.dtype, np.number) and data.dtype != np.bool_:
+        problems.append(Problem(path, f"label has non-numeric type {data.dtype}; labels must be class indices"))
+        return False
+    if not np.isfinite(data).all():
+        problems.append(Problem(path, f"label holds {int((~np.isfinite(data)).sum())} NaN/Inf values; labels must "
+                                "be class indices"))
+        return False
     if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
         problems.append(Problem(path, "label holds non-integer values; labels must be class indices"))
         return False
-    values = set(np.unique(data).astype(int).tolist())
+    found = np.unique(data)
+    declared = sorted(labels.values())
+    outside = found[(found < 0) | (found > max(declared))]
+    if outside.size:  # compared as numbers: a cast to int would turn 1e20 into nonsense
+        shown = ", ".join(f"{v:g}" for v in outside[:5].tolist())
+        problems.append(Problem(path, f"label values [{shown}] are not declared in dataset.json labels {declared}"))
+        return False
+    values = set(found.astype(int).tolist())
     undeclared = sorted(values - set(labels.values()))
     if undeclared:
         problems.append(Problem(path, f"label values {undeclared} are not declared in dataset.json labels "
@@ -549,32 +638,115 @@ def prepared_folder(folder: Path) -> Path:
     return Path(folder) / CACHE_DIR
 
 
+def _is_own_output(target: Path) -> bool:
+    """True when `target` holds only what `prepare` writes: its marker `prepared.json` and `cases/*.h5`."""
+    marker = target / PREPARED
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        if json.loads(marker.read_text()).get("format") != FORMAT:
+            return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    cases = target / "cases"
+    if any(entry.name not in (PREPARED, "cases") for entry in target.iterdir()):
+        return False
+    if not cases.exists():
+        return True
+    if cases.is_symlink() or not cases.is_dir():
+        return False
+    return all(p.suffix == ".h5" and p.is_file() and not p.is_symlink() for p in cases.iterdir())
+
+
+def check_output(folder: Path, target: Path) -> None:
+    """Refuse an output folder whose replacement could destroy anything but a previous cache of `prepare`.
+
+    The cache is replaced as a whole, so the folder must be new, empty, or `prepare`'s own output (its
+    marker file `prepared.json` and `cases/`, nothing else); it must not be a symbolic link, the dataset
+    itself, or a folder that contains the dataset.
+    """
+    if target.is_symlink():
+        raise DataError(f"{target}: --out is a symbolic link; semiseg does not follow it (it would replace "
+                        "what the link points to); give the real folder")
+    source, resolved = folder.resolve(), target.resolve()
+    if resolved == source or resolved in source.parents:
+        raise DataError(f"{target}: --out is the dataset folder itself or contains it, and preparing replaces "
+                        f"--out as a whole; choose a new folder (default: {folder / CACHE_DIR})")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise DataError(f"{target}: --out exists and is not a folder; choose a new or empty folder")
+    if any(target.iterdir()) and not _is_own_output(target):
+        raise DataError(f"{target}: folder is not empty and is not a previous output of `semiseg data prepare` "
+                        f"(only {PREPARED} and cases/*.h5 may be there); semiseg replaces only its own output: "
+                        "choose a new or empty folder")
+
+
+def _staging_folder(target: Path) -> Path:
+    """A fresh hidden folder beside `target` to build the cache in (also proves the parent is writable)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise DataError(f"{target.parent}: output folder is not writable ({exc.strerror}); choose another --out "
+                        "or free disk space") from None
+
+
+def _swap_into_place(staged: Path, target: Path, folder: Path) -> None:
+    """Replace `target` with the staged cache; the old cache is removed only once the new one is in place."""
+    check_output(folder, target)  # again: the folder may have changed while the cases were written
+    if not target.exists():
+        staged.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old)
+
+
 def prepare(folder: Path, out: Path | None = None, spacing: str | None = None,
             ct_window: tuple[float, float] | None = None, check_only: bool = False) -> Path | None:
     """Check the dataset, then write the cache (atomically: built aside, renamed into place).
 
-    Returns the cache folder, or None with `check_only`. Raises `PrepareError` listing every problem.
+    Returns the cache folder, or None with `check_only`. Raises `PrepareError` listing every problem. The
+    output folder is checked first (see `check_output`), before any file is read.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: dataset folder not found")
-    result = check_dataset(folder)
-    if result.problems:
-        raise PrepareError(folder, result.problems)
-    if check_only:
-        return None
+    target = Path(out) if out is not None else prepared_folder(folder)
+    staged = None
+    if not check_only:
+        check_output(folder, target)
+        staged = _staging_folder(target)
+    try:
+        result = check_dataset(folder)
+        if result.problems:
+            raise PrepareError(folder, result.problems)
+        if staged is None:
+            return None
+        _write_cache(folder, result, make_recipe(result, spacing, ct_window), staged)
+        _swap_into_place(staged, target, folder)
+    finally:
+        if staged is not None and staged.exists():
+            shutil.rmtree(staged)
+    return target
+
+
+def _write_cache(folder: Path, result: CheckResult, recipe: Recipe, tmp: Path) -> None:
     info = result.info
     assert info is not None
-    recipe = make_recipe(result, spacing, ct_window)
-    target = Path(out) if out is not None else prepared_folder(folder)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     cases: dict[str, Any] = {}
     for case in info.cases:
         if case.role == "test" and case.label is None:
             continue  # unlabelled test scans are for `semiseg predict`, which reads them directly
         volumes = [read_volume(p) for p in case.images]
         image, affine = recipe.image(volumes)
+        if not np.isfinite(image).all():
+            raise DataError(f"{case.images[0]}: preprocessing gives {int((~np.isfinite(image)).sum())} NaN/Inf "
+                            "voxels (values too large for float32 after scaling); fix the file's intensities or "
+                            "its scl_slope / scl_inter")
         label = recipe.label(read_volume(case.label), image.shape[1:]) if case.label is not None else None
         write_case(tmp / "cases" / f"{case.case_id}.h5", image, label)
         cases[case.case_id] = {"role": case.role, "images": [str(p) for p in case.images],
@@ -588,9 +760,4 @@ def prepare(folder: Path, out: Path | None = None, spacing: str | None = None,
         "test": [c.case_id for c in info.role("test") if c.label is not None],
         "recipe": recipe.to_json(), "cases": cases,
     }
-    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / PREPARED).write_text(json.dumps(manifest, indent=1))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target

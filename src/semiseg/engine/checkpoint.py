@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -10,21 +11,35 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..config import TrainConfig, saved_config
+from ..errors import CheckpointError, ConfigError, SemisegError
+from ..methods.base import Method, NetSpec
 
 FORMAT = "semiseg-checkpoint"
 VERSION = 1
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, I/O error); the previous file, if any, is intact."""
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a reader sees either the old complete file or the new complete file."""
+    """Atomic write: a reader sees either the old complete file or the new complete file.
+
+    A failed write (e.g. a full disk) removes its temporary file and raises `CheckpointWriteError`.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write of its archive as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+        raise CheckpointWriteError(f"writing {path.name} failed ({reason})") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -43,9 +58,72 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a semiseg checkpoint (no {FORMAT!r} marker); semiseg loads only "
                               "files written by `semiseg train`")
-    if payload.get("version", 0) > VERSION:
+    version = payload.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
         raise CheckpointError(f"{path}: written by a newer semiseg (format {payload['version']}); upgrade semiseg")
+    if version != VERSION or isinstance(version, bool):
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is not one this semiseg reads "
+                              f"({VERSION}); the file is damaged or was not written by `semiseg train`")
     return payload
+
+
+def _spec(path: Path, payload: dict[str, Any]) -> NetSpec:
+    """The network spec, each field of the right type and in a range a real network has."""
+    raw = payload.get("spec")
+    fields = {f.name: f.type for f in dataclasses.fields(NetSpec)}
+    if not isinstance(raw, dict) or set(raw) - set(fields):
+        raise CheckpointError(f"{path}: 'spec' must be a mapping of {', '.join(fields)}; the checkpoint is "
+                              "damaged or was not written by `semiseg train`")
+    spec = NetSpec(**raw)
+    checks = {"in_channels": (int, 1, 1024), "num_classes": (int, 1, 1024), "spatial_dims": (int, 2, 3),
+              "n_filters": (int, 1, 4096), "dropout": ((int, float), 0.0, 1.0)}
+    for name, (kind, low, high) in checks.items():
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+            raise CheckpointError(f"{path}: spec {name} = {value!r} is not a {kind} in [{low}, {high}]; the "
+                                  "checkpoint is damaged")
+    if not isinstance(spec.norm, str):
+        raise CheckpointError(f"{path}: spec norm = {spec.norm!r} is not a name; the checkpoint is damaged")
+    return spec
+
+
+def restore_method(path: Path, payload: dict[str, Any], device: torch.device) -> tuple[TrainConfig, NetSpec, Method]:
+    """The trained method of a checkpoint, its weights loaded, checked before anything large is allocated.
+
+    The network is first built on the meta device (no memory): its state's keys and shapes must match the
+    checkpoint's tensors, so a damaged spec cannot allocate huge layers and a wrong tensor is named.
+    """
+    path = Path(path)
+    for key, kind in (("config", dict), ("method", dict), ("iteration", int)):
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(f"{path}: {key!r} is missing or not a {kind.__name__}; the checkpoint is damaged "
+                                  "or was not written by `semiseg train`")
+    try:
+        cfg = saved_config(payload["config"], path)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    spec = _spec(path, payload)
+    state = payload["method"]
+    try:
+        with torch.device("meta"):
+            expected = cfg.method_class()(cfg.method_params(), spec).state_dict()
+    except SemisegError as exc:
+        raise CheckpointError(f"{path}: its spec does not fit its method: {exc}") from None
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not match a {cfg.method} network ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]!r}); the checkpoint "
+                              "is damaged or from another version")
+    for key, tensor in expected.items():
+        stored = state[key]
+        if not isinstance(stored, torch.Tensor) or tuple(stored.shape) != tuple(tensor.shape):
+            got = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {got}, the network needs "
+                                  f"{tuple(tensor.shape)}; the checkpoint is damaged")
+    method = cfg.method_class()(cfg.method_params(), spec).to(device)
+    method.load_state_dict(state)
+    return cfg, spec, method
 
 
 def check_writable(folder: Path) -> None:

@@ -18,15 +18,16 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import TrainConfig, load_yaml
 from ..data import Layout, open_dataset
-from ..data.prepare import parse_sizes
-from ..errors import ConfigError, DataError
-from ..methods.base import NetSpec
-from .checkpoint import load_checkpoint
+from ..data.h5 import read_array
+from ..data.prepare import parse_sizes, read_volume
+from ..errors import ConfigError, DataError, one_line
+from .checkpoint import check_writable, load_checkpoint, restore_method
 from .inference import predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
-from .trainer import BEST, CHECKPOINT, build_method, inference_protocol, resolve_device
+from .runlock import FolderLock
+from .trainer import BEST, CHECKPOINT, inference_protocol, resolve_device
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 # How each checkpoint rule chose the weights, stated in the protocol card (protocol.md section 6).
@@ -62,9 +63,7 @@ def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
     run_rule = "last"
     cfg_file = path / "config.yaml"
     if cfg_file.is_file():
-        import yaml
-
-        run_rule = (yaml.safe_load(cfg_file.read_text()) or {}).get("checkpoint_selection", "last")
+        run_rule = str(load_yaml(cfg_file).get("checkpoint_selection", "last"))
     # `best` is the run's own best checkpoint, so the card names the cases it was chosen on.
     rule = run_rule if which == "auto" or (which == "best" and run_rule.startswith("best_")) else which
     name = BEST if rule.startswith("best") else CHECKPOINT
@@ -152,22 +151,34 @@ def _metric_card(empty_policy: str, spacing: tuple[float, ...] | None = None) ->
                                      "penalty": "distances set to the image diagonal for empty masks"}[empty_policy]}
 
 
+def _locked_output(out: Path, command: str) -> FolderLock:
+    """The output folder, checked writable and locked before any work: one writer per folder."""
+    check_writable(Path(out))
+    return FolderLock(Path(out), command)
+
+
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
                         device: str = "auto", save_predictions: bool = False,
                         spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Score a model on a split into `out` (cases.csv, summary.json, optionally predictions/)."""
+    with _locked_output(out, "semiseg evaluate"):
+        return _evaluate_checkpoint(checkpoint, out, data, split, which, post_lcc, empty_policy, device,
+                                    save_predictions, spacing)
+
+
+def _evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None, split: str, which: str,
+                         post_lcc: bool | None, empty_policy: str | None, device: str, save_predictions: bool,
+                         spacing: tuple[float, ...] | None) -> dict[str, Any]:
     ckpt_path, rule = resolve_checkpoint(checkpoint, which)
     payload = load_checkpoint(ckpt_path)
-    cfg = TrainConfig(**payload["config"])
+    dev = resolve_device(device)
+    cfg, spec, method = restore_method(ckpt_path, payload, dev)
     if post_lcc is not None:
         cfg.post_lcc = post_lcc
     policy = _checked_policy(empty_policy or cfg.empty_policy)
     layout = open_dataset(data or cfg.data, cfg.layout)
     ids = _split_ids(layout, cfg, split)
-    dev = resolve_device(device)
-    spec = NetSpec(**payload["spec"])
-    method = build_method(cfg, spec, dev)
-    method.load_state_dict(payload["method"])
     method.eval()
     net = method.inference_network()
     protocol = inference_protocol(cfg, layout)
@@ -219,12 +230,12 @@ def read_prediction(folder: Path, case_id: str) -> np.ndarray:
                     key = next((k for k in ("label", "pred", "prediction") if k in f), None)
                     if key is None:
                         raise DataError(f"{path}: no 'label' or 'pred' dataset (found {list(f.keys())})")
-                    return np.asarray(f[key][()])
-            except OSError as exc:
-                raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
-        import nibabel as nib
-
-        return np.asarray(nib.load(str(path)).dataobj)
+                    return read_array(path, f, key)
+            except DataError:
+                raise
+            except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError...
+                raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)})") from None
+        return read_volume(path).data
     raise DataError(f"{folder}: no prediction for case {case_id!r} (looked for {case_id}.h5, .nii.gz, .nii)")
 
 
@@ -235,6 +246,12 @@ def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "tes
     if not Path(pred_dir).is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found; pass --pred with a folder of label maps named "
                         "by case id (<id>.h5, <id>.nii.gz or <id>.nii)")
+    with _locked_output(out, "semiseg evaluate --pred"):
+        return _evaluate_predictions(pred_dir, data, out, split, empty_policy, spacing)
+
+
+def _evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str, empty_policy: str,
+                          spacing: tuple[float, ...] | None) -> dict[str, Any]:
     layout = open_dataset(data)
     ids = _split_ids(layout, None, split)
     rows = []

@@ -15,16 +15,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..config import TrainConfig
-from ..data.h5 import Case, validate_case
+from ..data.h5 import Case, read_array, validate_case
 from ..data.layouts.nnunet import find_prepared
 from ..data.prepare import CHANNEL_FILE, PREPARED, Recipe, Volume, read_volume, split_suffix, write_label_like
-from ..errors import DataError
-from ..methods.base import NetSpec
-from .checkpoint import load_checkpoint
+from ..errors import DataError, one_line
+from .checkpoint import check_writable, load_checkpoint, restore_method
 from .evaluate import resolve_checkpoint
 from .inference import predict_volume
-from .trainer import build_method, inference_protocol, resolve_device
+from .trainer import inference_protocol, resolve_device
 
 H5 = ".h5"
 
@@ -93,9 +91,11 @@ def _read_h5(path: Path) -> np.ndarray:
         with h5py.File(path, "r") as f:
             if "image" not in f:
                 raise DataError(f"{path}: no 'image' dataset (found {list(f.keys())})")
-            return np.asarray(f["image"][()], dtype=np.float32)
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({exc})") from None
+            return read_array(path, f, "image").astype(np.float32)
+    except DataError:
+        raise
+    except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError, ValueError...
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)})") from None
 
 
 def _normalise(image: np.ndarray, scheme: str) -> np.ndarray:
@@ -138,18 +138,16 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
     """
     if normalize not in ("auto", "zscore", "none"):
         raise DataError(f"--normalize {normalize!r}: use auto, zscore or none")
+    check_writable(Path(out))  # before any work
     ckpt_path, _ = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(ckpt_path)
-    cfg = TrainConfig(**payload["config"])
-    spec = NetSpec(**payload["spec"])
+    dev = resolve_device(device)
+    cfg, spec, method = restore_method(ckpt_path, payload, dev)
     cases = group_inputs(inputs, spec.in_channels)
     needs_recipe = normalize == "auto" and any(not f[0].name.endswith(H5) for f in cases.values())
     recipe = load_recipe(data or cfg.data) if needs_recipe else None
     slicewise = spec.spatial_dims == 2  # 2D networks label volumes slice by slice (ACDC)
     protocol = inference_protocol(cfg)
-    dev = resolve_device(device)
-    method = build_method(cfg, spec, dev)
-    method.load_state_dict(payload["method"])
     method.eval()
     net = method.inference_network()
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ only every `log_every` iterations, so the GPU is never made to wait for the host
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
@@ -20,16 +21,24 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import TrainConfig, saved_config
 from ..data import Layout, Split, load_cases, open_dataset
 from ..data.loader import TwoStreamBatches, batch_loader
 from ..errors import CheckpointError, ConfigError, SemisegError
 from ..methods.base import Method, NetSpec, StepContext
-from .checkpoint import check_free_space, check_writable, checkpoint_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointWriteError,
+    check_free_space,
+    check_writable,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .distributed import init_from_env, shutdown
 from .inference import InferenceProtocol, autocast_for, predict_volume
 from .metrics import dice
 from .progress import Progress
+from .runlock import FolderLock
 from .schedules import poly_lr, step_lr
 
 CHECKPOINT = "checkpoint.pt"
@@ -144,13 +153,23 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _record_iteration(line: str) -> float:
+    """The iteration of a log record; a torn or foreign line (a run killed mid-write) counts as after any."""
+    try:
+        record = json.loads(line)
+        value = record.get("iteration", 0) if isinstance(record, dict) else None
+    except ValueError:
+        value = None
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else float("inf")
+
+
 def truncate_log(path: Path, iteration: int) -> None:
     """Drop the records after `iteration`: a run killed after its last checkpoint logged iterations that the
     resumed run repeats, and its log must read as one uninterrupted run."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [line for line in lines if _record_iteration(line) <= iteration]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -179,14 +198,29 @@ class Trainer:
         self.state: dict[str, Any] | None = None
         if resume:
             self.state = load_checkpoint(ckpt)
-            cfg = TrainConfig(**self.state["config"])
+            try:
+                cfg = saved_config(self.state.get("config"), ckpt)
+            except ConfigError as exc:
+                raise CheckpointError(str(exc)) from None
         elif ckpt.exists():
             raise CheckpointError(f"{ckpt}: this run folder already holds a checkpoint; pass --resume to "
                                   "continue it, or choose a new --out")
         self.cfg = cfg
         self.dist = init_from_env(resolve_device(cfg.device).type)
+        self.lock = FolderLock(self.out, "semiseg train")  # one writer per run folder (rank 0 writes)
         if self.dist.is_main:
             check_writable(self.out)
+            self.lock.acquire()
+        try:
+            self._prepare_run()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare_run(self) -> None:
+        """Data, method and optimiser; the state of a resumed run; the run's config and split written."""
+        cfg = self.cfg
+        if self.dist.is_main:
             for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
                 torn.unlink()
         seed_everything(cfg.seed)  # identical initial weights on every process
@@ -202,17 +236,41 @@ class Trainer:
         self._val_s = 0.0  # time spent validating in this call, left out of the training wall time
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
         if self.state is not None:
-            self.s.method.load_state_dict(self.state["method"])
-            self.s.optimizer.load_state_dict(self.state["optimizer"])
-            self.start = int(self.state["iteration"])
-            self.wall_before = float(self.state.get("wall_s", 0.0))
-            self.best = dict(self.state.get("best", self.best))
-            rng = self.state["rng"]
+            self._restore(self.state)
+        if self.dist.is_main:
+            try:
+                (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+            except OSError as exc:
+                raise self._write_failure(exc, self.start) from None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Weights, optimiser, position and RNG of a checkpoint; a damaged one is a `CheckpointError`."""
+        try:
+            self.s.method.load_state_dict(state["method"])
+            self.s.optimizer.load_state_dict(state["optimizer"])
+            self.start = int(state["iteration"])
+            self.wall_before = float(state.get("wall_s", 0.0))
+            self.best = dict(state.get("best", self.best))
+            rng = state["rng"]
             _restore_rng(rng[self.dist.rank] if isinstance(rng, list) and len(rng) == self.dist.world else
                          rng[0] if isinstance(rng, list) else rng)
-        if self.dist.is_main:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = " ".join(str(exc).split())[:240] or type(exc).__name__
+            raise CheckpointError(f"{self.out / CHECKPOINT}: its saved state does not fit this run "
+                                  f"({type(exc).__name__}: {first}); the checkpoint is damaged, or the data changed "
+                                  "since it was written") from None
+
+    def _write_failure(self, exc: Exception, last_saved: int) -> CheckpointError:
+        """The run folder could not be written: say why, and which checkpoint a resumed run continues from."""
+        reason = str(exc) if isinstance(exc, CheckpointWriteError) else getattr(exc, "strerror", None) or str(exc)
+        if last_saved > 0:
+            survivor = (f"the last good checkpoint is {self.out / CHECKPOINT} (iteration {last_saved}); free disk "
+                        f"space, then continue with `semiseg train --out {self.out} --resume`")
+        else:
+            survivor = "no checkpoint was written yet; free disk space and train again"
+        return CheckpointError(f"{self.out}: the run stopped because its folder could not be written ({reason}); "
+                               f"{survivor}")
 
     def _payload(self, iteration: int) -> dict[str, Any]:
         rng = self.dist.gather(_rng_state())  # a collective: every process calls it
@@ -287,6 +345,13 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
 
     def run(self) -> Path:
+        """Train to `cfg.iterations`; the run folder's lock is released at the end, whatever happens."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Path:
         cfg, method, optimizer, device = self.cfg, self.s.method, self.s.optimizer, self.s.device
         if self.start >= cfg.iterations:
             return self.out / CHECKPOINT
@@ -379,11 +444,14 @@ class Trainer:
                 if saving:
                     self._save(CHECKPOINT, iteration)
                     last_saved = iteration
+        except (OSError, CheckpointWriteError) as exc:  # a full disk, an I/O error: one line, what survives
+            raise self._write_failure(exc, last_saved) from None
         finally:
             progress.close()
             if main:
                 writer.close()
-                log_file.close()
+                with contextlib.suppress(OSError):  # fails only after a failed write, reported above
+                    log_file.close()
         elapsed = time.perf_counter() - t0 - self._val_s
         if main:
             summary = {"iterations": cfg.iterations - self.start, "wall_s": elapsed, "validation_s": self._val_s,

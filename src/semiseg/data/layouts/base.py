@@ -23,11 +23,26 @@ class Split:
     val_source: str = "none"
 
 
+def check_case_id(case_id: object, where: str) -> str:
+    """A case id becomes a file name (`<id>.h5`, `cases/<id>.png`) inside its folder, so it must be a bare
+    name: no `/` or `\\`, not `.` or `..`, not empty. `where` names the list and line it came from."""
+    if not isinstance(case_id, str) or not case_id or case_id in (".", "..") or any(
+            c in case_id for c in "/\\\0"):
+        raise DataError(f"{where}: case id {case_id!r} is not a bare file name and would lead outside its "
+                        "folder; case ids must not contain '/' or '\\' nor be '.' or '..'")
+    return case_id
+
+
 def read_list(path: Path) -> list[str]:
     """Bare ids, one per line, blank lines ignored (the UA-MT / SSL4MIS list format)."""
     if not path.is_file():
         raise DataError(f"{path}: split list not found; the dataset folder must contain it")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable split list ({exc}); it must be a text file of case ids") from None
+    return [check_case_id(line.strip(), f"{path}:{number}") for number, line in enumerate(lines, start=1)
+            if line.strip()]
 
 
 class Layout(ABC):

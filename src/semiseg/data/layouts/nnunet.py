@@ -14,7 +14,7 @@ from pathlib import Path
 from ...errors import DataError
 from ..prepare import CACHE_DIR, FORMAT, PREPARED, Recipe
 from . import register_layout
-from .base import Layout, Split
+from .base import Layout, Split, check_case_id
 
 
 def find_prepared(root: Path) -> Path | None:
@@ -41,9 +41,20 @@ class NnUNetLayout(Layout):
         if cache is None:
             raise DataError(f"{root}: no dataset.json or prepared.json; see docs/user-data.md for the layout")
         self.cache = cache
-        self.manifest = json.loads((cache / PREPARED).read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"{cache / PREPARED}: not a semiseg prepared dataset; run `semiseg data prepare` again")
+        manifest_path = cache / PREPARED
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{manifest_path}: unreadable ({exc}); run `semiseg data prepare` again") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise DataError(f"{manifest_path}: not a semiseg prepared dataset; run `semiseg data prepare` again")
+        for key in ("labeled", "unlabeled", "test"):
+            ids = self.manifest.get(key)
+            if not isinstance(ids, list):
+                raise DataError(f"{manifest_path}: {key!r} must be a list of case ids; run `semiseg data prepare` "
+                                "again")
+            for index, case_id in enumerate(ids):
+                check_case_id(case_id, f"{manifest_path}: {key}[{index}]")
         labels = self.manifest["labels"]
         self.class_names = tuple(sorted(labels, key=labels.get))  # type: ignore[misc]
         self.num_classes = len(labels)  # type: ignore[misc]
