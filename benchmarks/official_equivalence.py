@@ -1,0 +1,224 @@
+"""semiseg's networks against the authors' own code, on identical weights, inputs and dropout masks.
+
+    python benchmarks/official_equivalence.py --method caml --official /tmp/official/CAML
+    python benchmarks/official_equivalence.py --method crossmatch --dims 2 --official /tmp/official/CrossMatch
+    python benchmarks/official_equivalence.py --method caml --official /tmp/official/CAML --write-fixture
+
+PATH is a checkout of the official repository that you provide (nothing of it is copied here). The script
+builds the official network and semiseg's, draws one set of weights in semiseg's layout and maps it onto the
+official network with `semiseg.official.key_map` (the mapping `semiseg evaluate --official-checkpoint` uses),
+replaces every dropout module of both networks by one whose channel mask is drawn from its semiseg module name
+(so both sides drop the same channels; the attention-probability dropout inside `nn.MultiheadAttention` is off
+on both sides), and runs one training-mode step on both: forward (every output head), a fixed loss (the sum of
+the cross-entropy of every output against one random label map; identical on both sides by construction), the
+backward, and one SGD step (lr 0.01, momentum 0.9, weight decay 1e-4). It prints, per term, the official and
+semiseg values (max |.|), abs and relative diff (max |a - b| / max |a|) and the verdict `equal` (<= 1e-5) or
+`DIFFERS`: every output, the loss, the global gradient norm, the five parameters with the largest gradient
+difference, the weights after the step and the BatchNorm running statistics.
+
+What it does not check: the methods' own losses, masks, thresholds and schedules (their official steps are
+inline in the training scripts; see docs/methods/*.md for which of them have been compared by hand).
+
+`--write-fixture` saves `tests/golden/NAME.json` (numbers only: sizes, seeds, checksums of the weights and
+inputs, and the official values of every term), which `tests/test_golden.py` recomputes with semiseg alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from golden_step import (  # noqa: E402
+    KeyedDropout,
+    build_semiseg,
+    inputs,
+    key_of_official_module,
+    network_step,
+    seeded_weights,
+)
+
+TOL = 1e-5
+
+
+def _official_class(root: Path, network: str) -> type[nn.Module]:
+    """Import e.g. `code/networks/VNet.py:CAML3d_v1`: the folder above the package goes first on sys.path."""
+    file, cls = network.split(":")
+    parts = Path(file).with_suffix("").parts
+    code_dir, module = root.joinpath(*parts[:-2]), ".".join(parts[-2:])
+    for name in list(sys.modules):  # every official repository has its own `networks` package
+        if name.split(".")[0] in ("networks", "model", "util", "utils"):
+            del sys.modules[name]
+    sys.path.insert(0, str(code_dir))
+    try:
+        return getattr(importlib.import_module(module), cls)
+    finally:
+        sys.path.pop(0)
+
+
+def _official_network(method: str, dims: int, root: Path, n_filters: int, classes: int) -> nn.Module:
+    from semiseg.official import official_layout
+
+    layout = official_layout(method, dims)
+    cls = _official_class(root, layout.network)
+    if dims == 2:
+        return cls(in_chns=1, class_num=classes)
+    return cls(n_channels=1, n_classes=classes, n_filters=n_filters, normalization="batchnorm", has_dropout=True)
+
+
+def _official_outputs(method: str, dims: int) -> Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]:
+    def run(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        out = net(x)
+        if method == "bcp":  # (logits, features)
+            return [out[0]]
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+    return run
+
+
+def _install_official_dropout(net: nn.Module, method: str, dims: int, seed: int) -> None:
+    from semiseg.official import official_layout
+
+    flat = official_layout(method, dims).family == "vnet_flat"
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (nn.Dropout, nn.Dropout2d, nn.Dropout3d)):
+                full = f"{name}.{child_name}" if name else child_name
+                # A flat VNet calls one `dropout` module twice: on x5 (encoder) then on x9 (decoder).
+                keys = ["encoder.dropout", "decoder.dropout"] if flat and full == "dropout" else \
+                    [key_of_official_module(full, method, dims)]
+                setattr(module, child_name, KeyedDropout(child.p, keys, seed, not isinstance(child, nn.Dropout)))
+        if isinstance(module, nn.MultiheadAttention):
+            module.dropout = 0.0
+
+
+def _git(root: Path) -> str:
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown (not a git checkout; give the commit with --official-commit)"
+
+
+def _row(term: str, a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> dict[str, Any]:
+    """`scale` (default max |official|) is the denominator of the relative difference."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    official = a64.abs().max().item()
+    scale = official if scale is None else scale
+    diff = (a64 - b64).abs().max().item()
+    rel = diff / scale if scale > 0 else diff
+    return {"term": term, "official": official, "semiseg": b64.abs().max().item(), "abs": diff, "rel": rel,
+            "verdict": "equal" if rel <= TOL else "DIFFERS"}
+
+
+def compare(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from semiseg.official import key_map
+
+    dims, size, classes = args.dims, args.size, args.classes
+    torch.manual_seed(args.seed)
+    method, target = build_semiseg(args.method, dims, args.n_filters, classes)
+    official = _official_network(args.method, dims, Path(args.official), args.n_filters, classes)
+    weights = seeded_weights(target, args.seed)
+    mapping = key_map(list(official.state_dict()), args.method, dims)
+    official_state = official.state_dict()
+    for okey, skey in mapping.items():
+        official_state[okey] = weights[skey].clone()
+    official.load_state_dict(official_state)
+    target.load_state_dict(weights)
+    _install_official_dropout(official, args.method, dims, args.seed)
+    x, label = inputs(dims, size, args.batch, classes, args.seed)
+
+    res_o = network_step(official, _official_outputs(args.method, dims), x, label, args.seed, dropout=False)
+    res_s = network_step(target, None, x, label, args.seed, dropout=True, method=args.method)
+    rows = [_row(f"output {i}", a, b) for i, (a, b) in enumerate(zip(res_o["outputs"], res_s["outputs"]))]
+    rows.append(_row("loss", res_o["loss"], res_s["loss"]))
+    inverse = {s: o for o, s in mapping.items()}
+    paired = [(k, res_o["grads"][inverse[k]], g) for k, g in res_s["grads"].items()]
+    norm_o = torch.stack([a.double().norm() for _, a, _ in paired]).norm()
+    norm_s = torch.stack([b.double().norm() for _, _, b in paired]).norm()
+    rows.append(_row("gradient norm (global)", norm_o, norm_s))
+    # Gradients relative to the largest official gradient entry: a bias followed by BatchNorm has a zero
+    # gradient up to rounding noise, which a per-parameter ratio would magnify.
+    top = max(a.abs().max().item() for _, a, _ in paired)
+    worst = sorted(paired, key=lambda p: -(p[1] - p[2]).abs().max().item())
+    rows += [_row(f"grad {k}", a, b, top) for k, a, b in worst[:5]]
+    after_o = torch.cat([res_o["after"][inverse[k]].flatten() for k in res_s["after"]])
+    after_s = torch.cat([v.flatten() for v in res_s["after"].values()])
+    rows.append(_row("weights after SGD step", after_o, after_s))
+    buf_keys = [k for k in res_s["buffers"] if k in inverse]
+    if buf_keys:
+        rows.append(_row("BatchNorm running stats", torch.cat([res_o["buffers"][inverse[k]].flatten().double()
+                                                              for k in buf_keys]),
+                         torch.cat([res_s["buffers"][k].flatten().double() for k in buf_keys])))
+    meta = {"method": args.method, "dims": dims, "size": size, "batch": args.batch, "n_filters": args.n_filters,
+            "classes": classes, "seed": args.seed, "official_repo": _layout_repo(args.method, dims),
+            "official_commit": args.official_commit or _git(Path(args.official)),
+            "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}",
+            "command": "python benchmarks/official_equivalence.py " + " ".join(sys.argv[1:]),
+            "checksums": res_s["checksums"],
+            "official_keys": {k: list(v.shape) for k, v in official.state_dict().items()},
+            "official": _fixture_values(res_o, inverse, res_s)}
+    return rows, meta
+
+
+def _layout_repo(method: str, dims: int) -> str:
+    from semiseg.official import official_layout
+
+    return official_layout(method, dims).repo
+
+
+def _fixture_values(res_o: dict[str, Any], inverse: dict[str, str], res_s: dict[str, Any]) -> dict[str, Any]:
+    """The official values the golden test recomputes: output summaries, loss, per-parameter grad norms."""
+    from golden_step import summarize_output
+
+    return {"outputs": [summarize_output(o) for o in res_o["outputs"]],
+            "loss": res_o["loss"].item(),
+            "grad_norms": {k: res_o["grads"][inverse[k]].double().norm().item() for k in res_s["grads"]},
+            "after_norms": {k: res_o["after"][inverse[k]].double().norm().item() for k in res_s["after"]}}
+
+
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    print(f"{meta['method']} ({meta['dims']}D, {meta['batch']} x {meta['size']}^{meta['dims']}, "
+          f"n_filters {meta['n_filters']}) vs {meta['official_repo']}@{meta['official_commit'][:10]}, "
+          f"{meta['date']}")
+    print("| term | official | semiseg | abs diff | rel diff | verdict |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['term']} | {r['official']:.6g} | {r['semiseg']:.6g} | {r['abs']:.3g} | {r['rel']:.3g} | "
+              f"{r['verdict']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--official", required=True, help="checkout of the official repository")
+    parser.add_argument("--official-commit", default=None, help="commit, when PATH is not a git checkout")
+    parser.add_argument("--dims", type=int, default=3)
+    parser.add_argument("--size", type=int, default=32, help="cube / square side of the inputs")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--n-filters", type=int, default=4, help="3D base filters (the 2D UNets are fixed)")
+    parser.add_argument("--classes", type=int, default=None, help="default 2 in 3D, 4 in 2D")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-fixture", action="store_true", help="save tests/golden/NAME.json")
+    args = parser.parse_args(argv)
+    args.classes = args.classes or (2 if args.dims == 3 else 4)
+    rows, meta = compare(args)
+    print_table(rows, meta)
+    if args.write_fixture:
+        name = args.method if args.dims == 3 else f"{args.method}_2d"
+        path = REPO / "tests" / "golden" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"fixture: {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0 if all(r["verdict"] == "equal" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
