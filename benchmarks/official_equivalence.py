@@ -184,6 +184,104 @@ def _fixture_values(res_o: dict[str, Any], inverse: dict[str, str], res_s: dict[
             "after_norms": {k: res_o["after"][inverse[k]].double().norm().item() for k in res_s["after"]}}
 
 
+def _official_module(root: Path, file: str):  # noqa: ANN202 - an official module object
+    parts = Path(file).with_suffix("").parts
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("networks", "model", "util", "utils"):
+            del sys.modules[name]
+    sys.path.insert(0, str(root.joinpath(*parts[:-2])))
+    try:
+        return importlib.import_module(".".join(parts[-2:]))
+    finally:
+        sys.path.pop(0)
+
+
+def compare_mean_teacher_step(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One whole Mean Teacher update of SSL4MIS `train_mean_teacher_3D.py` (its loop body rebuilt from the
+    official network, `utils.losses.DiceLoss`, `utils.ramps.sigmoid_rampup` and the script's own formulas for
+    the noise, the losses and `update_ema_variables`) against semiseg's `train_step` + `after_step`, with the
+    script's defaults (consistency 0.1, ramp-up 200 epochs of 150 updates, EMA 0.99) at update `--iteration`."""
+    from golden_step import mean_teacher_step
+    from semiseg.official import key_map
+
+    root, k, seed = Path(args.official), args.iteration, args.seed
+    ours = mean_teacher_step(args.n_filters, args.size, seed, k)  # semiseg first: its seeded initial weights
+    vnet = _official_class(root, "code/networks/vnet.py:VNet")
+    model, ema = (vnet(n_channels=1, n_classes=2, n_filters=args.n_filters, normalization="batchnorm",
+                       has_dropout=True) for _ in range(2))
+    losses, ramps = _official_module(root, "code/utils/losses.py"), _official_module(root, "code/utils/ramps.py")
+    mapping = key_map(list(model.state_dict()), "mean_teacher", 3)
+    reference = ours["method"]
+    for theirs, tag, s in ((model, "student", seed), (ema, "teacher", seed + 1)):
+        weights = seeded_weights(reference.net, s)
+        theirs.load_state_dict({o: weights[m].clone() for o, m in mapping.items()})
+        _install_official_dropout(theirs, "mean_teacher", 3, seed)
+        for module in theirs.modules():
+            if isinstance(module, KeyedDropout):
+                module.keys = [f"{tag}.{key}" for key in module.keys]
+    x, label = ours["x"], ours["label"]
+
+    # --- the official loop body (iter_num = k - 1)
+    model.train()
+    ema.train()
+    torch.manual_seed(seed)
+    unlabeled = x[2:]
+    noise = torch.clamp(torch.randn_like(unlabeled) * 0.1, -0.2, 0.2)
+    outputs = model(x)
+    outputs_soft = torch.softmax(outputs, dim=1)
+    with torch.no_grad():
+        ema_output_soft = torch.softmax(ema(unlabeled + noise), dim=1)
+    loss_ce = torch.nn.CrossEntropyLoss()(outputs[:2], label)
+    loss_dice = losses.DiceLoss(2)(outputs_soft[:2], label.unsqueeze(1))
+    supervised = 0.5 * (loss_dice + loss_ce)
+    weight = 0.1 * ramps.sigmoid_rampup((k - 1) // 150, 200.0)
+    consistency = torch.mean((outputs_soft[2:] - ema_output_soft) ** 2)
+    loss = supervised + weight * consistency
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0001)
+    optimizer.zero_grad()
+    loss.backward()
+    grads = {o: p.grad.detach().clone() for o, p in model.named_parameters()}
+    optimizer.step()
+    alpha = min(1 - 1 / (k - 1 + 1), 0.99)  # update_ema_variables(model, ema_model, 0.99, iter_num)
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters()):
+            ema_param.mul_(alpha).add_(param, alpha=1 - alpha)
+    ramp = [0.1 * ramps.sigmoid_rampup((t - 1) // 150, 200.0) for t in range(1, 6001)]
+
+    inverse = {m: o for o, m in mapping.items()}
+    logs = ours["logs"]
+    rows = [_row("supervised 0.5 (CE + Dice)", supervised, logs["loss/supervised"]),
+            _row("consistency weight", torch.tensor(weight), logs["weight/consistency"]),
+            _row("consistency MSE", consistency, logs["loss/consistency"]),
+            _row("total loss", loss, ours["loss"])]
+    paired = [(m, grads[inverse[m]], g) for m, g in ours["grads"].items()]
+    top = max(a.abs().max().item() for _, a, _ in paired)
+    rows.append(_row("gradient norm (global)", torch.stack([a.double().norm() for _, a, _ in paired]).norm(),
+                     torch.stack([b.double().norm() for _, _, b in paired]).norm()))
+    worst = sorted(paired, key=lambda p: -(p[1] - p[2]).abs().max().item())
+    rows += [_row(f"grad {m}", a, b, top) for m, a, b in worst[:5]]
+    official = {"student": dict(model.named_parameters()), "teacher": dict(ema.named_parameters())}
+    for part, title in (("student", "student after SGD step"), ("teacher", "EMA teacher after update")):
+        rows.append(_row(title, torch.cat([official[part][inverse[m]].detach().flatten() for m in ours[part]]),
+                         torch.cat([v.flatten() for v in ours[part].values()])))
+    rows.append(_row("consistency weight, updates 1-6000", torch.tensor(ramp, dtype=torch.float64),
+                     torch.tensor(ours["ramp"], dtype=torch.float64)))
+    meta = {"method": "mean_teacher", "step": "method", "dims": 3, "size": args.size, "batch": 4,
+            "n_filters": args.n_filters, "seed": seed, "iteration": k, "official_repo": "HiLab-git/SSL4MIS",
+            "official_commit": args.official_commit or _git(root),
+            "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}",
+            "command": "python benchmarks/official_equivalence.py " + " ".join(sys.argv[1:]),
+            "official": {"supervised": supervised.item(), "weight": weight, "consistency": consistency.item(),
+                         "loss": loss.item(),
+                         "grad_norms": {m: grads[inverse[m]].double().norm().item() for m in ours["grads"]},
+                         "student_norms": {m: official["student"][inverse[m]].double().norm().item()
+                                           for m in ours["student"]},
+                         "teacher_norms": {m: official["teacher"][inverse[m]].double().norm().item()
+                                           for m in ours["teacher"]},
+                         "ramp": ramp}}
+    return rows, meta
+
+
 def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(f"{meta['method']} ({meta['dims']}D, {meta['batch']} x {meta['size']}^{meta['dims']}, "
           f"n_filters {meta['n_filters']}) vs {meta['official_repo']}@{meta['official_commit'][:10]}, "
@@ -207,8 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=None, help="default 2 in 3D, 4 in 2D")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-fixture", action="store_true", help="save tests/golden/NAME.json")
+    parser.add_argument("--step", choices=("network", "method"), default="network",
+                        help="method: the whole official training update (mean_teacher only so far)")
+    parser.add_argument("--iteration", type=int, default=1000, help="--step method: the 1-based update")
     args = parser.parse_args(argv)
     args.classes = args.classes or (2 if args.dims == 3 else 4)
+    if args.step == "method":
+        if args.method != "mean_teacher":
+            parser.error("--step method is implemented for --method mean_teacher only so far")
+        rows, meta = compare_mean_teacher_step(args)
+        print_table(rows, meta)
+        if args.write_fixture:
+            path = REPO / "tests" / "golden" / "steps" / "mean_teacher.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(meta, indent=1) + "\n")
+            print(f"fixture: {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} KiB)")
+        return 0 if all(r["verdict"] == "equal" for r in rows) else 1
     rows, meta = compare(args)
     print_table(rows, meta)
     if args.write_fixture:

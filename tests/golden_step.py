@@ -140,3 +140,36 @@ def summarize_output(t: torch.Tensor, n: int = 64) -> dict[str, Any]:
     index = torch.linspace(0, flat.numel() - 1, n).round().long()
     return {"shape": list(t.shape), "sum": flat.sum().item(), "abs_sum": flat.abs().sum().item(),
             "max_abs": flat.abs().max().item(), "samples": flat[index].tolist()}
+
+
+def mean_teacher_step(n_filters: int, size: int, seed: int, iteration: int) -> dict[str, Any]:
+    """semiseg's whole Mean Teacher update with the SSL4MIS script's defaults (consistency 0.1, ramp-up 200
+    epochs), seeded student and teacher, keyed dropout (`student.` / `teacher.` keys), noise from
+    `torch.manual_seed(seed)`; SGD lr 0.01, momentum 0.9, weight decay 1e-4, then the EMA update."""
+    from semiseg.data.loader import Batch
+    from semiseg.methods import get_method
+    from semiseg.methods.base import NetSpec, StepContext
+
+    cls = get_method("mean_teacher")
+    method = cls(cls.Params(consistency=0.1, consistency_rampup=200.0), NetSpec(1, 2, 3, n_filters))
+    for net, tag, s in ((method.net, "student", seed), (method.teacher.net, "teacher", seed + 1)):
+        net.load_state_dict(seeded_weights(net, s))
+        install_dropout(net, seed)
+        for module in net.modules():
+            if isinstance(module, KeyedDropout):
+                module.keys = [f"{tag}.{key}" for key in module.keys]
+    x, label = inputs(3, size, 4, 2, seed)
+    method.train()
+    torch.manual_seed(seed)
+    ctx = StepContext(iteration, 6000)
+    out = method.train_step(Batch(x[:2], label[:2], x[2:], torch.arange(2)), ctx)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer.zero_grad()
+    out.loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in method.net.named_parameters()}
+    optimizer.step()
+    method.after_step(ctx)
+    return {"method": method, "x": x, "label": label[:2], "loss": out.loss.detach(), "logs": out.logs,
+            "grads": grads, "student": {k: p.detach() for k, p in method.net.named_parameters()},
+            "teacher": {k: p.detach() for k, p in method.teacher.net.named_parameters()},
+            "ramp": [method.consistency_weight(StepContext(t, 6000)) for t in range(1, 6001)]}
