@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,38 +249,99 @@ def compare_mean_teacher_step(args: argparse.Namespace) -> tuple[list[dict[str, 
             ema_param.mul_(alpha).add_(param, alpha=1 - alpha)
     ramp = [0.1 * ramps.sigmoid_rampup((t - 1) // 150, 200.0) for t in range(1, 6001)]
 
+    scalars = {"supervised": supervised.item(), "weight": weight, "consistency": consistency.item(),
+               "loss": loss.item()}
+    titles = {"supervised": "supervised 0.5 (CE + Dice)", "weight": "consistency weight",
+              "consistency": "consistency MSE", "loss": "total loss"}
+    states = {"student": dict(model.named_parameters()), "teacher": dict(ema.named_parameters())}
+    return _step_report(args, "HiLab-git/SSL4MIS", root, ours, mapping, scalars, titles, grads, states, ramp)
+
+
+def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str, Any], mapping: dict[str, str],
+                 scalars: dict[str, float], titles: dict[str, str], grads: dict[str, torch.Tensor],
+                 states: dict[str, dict[str, torch.Tensor]], ramp: list[float]) -> tuple[list[dict], dict]:
+    """Rows and fixture of a whole-update comparison: scalar terms, gradients, weights after, the ramp."""
     inverse = {m: o for o, m in mapping.items()}
-    logs = ours["logs"]
-    rows = [_row("supervised 0.5 (CE + Dice)", supervised, logs["loss/supervised"]),
-            _row("consistency weight", torch.tensor(weight), logs["weight/consistency"]),
-            _row("consistency MSE", consistency, logs["loss/consistency"]),
-            _row("total loss", loss, ours["loss"])]
+    rows = [_row(titles[key], torch.tensor(value, dtype=torch.float64),
+                 torch.tensor(ours["scalars"][key], dtype=torch.float64)) for key, value in scalars.items()]
     paired = [(m, grads[inverse[m]], g) for m, g in ours["grads"].items()]
     top = max(a.abs().max().item() for _, a, _ in paired)
     rows.append(_row("gradient norm (global)", torch.stack([a.double().norm() for _, a, _ in paired]).norm(),
                      torch.stack([b.double().norm() for _, _, b in paired]).norm()))
     worst = sorted(paired, key=lambda p: -(p[1] - p[2]).abs().max().item())
     rows += [_row(f"grad {m}", a, b, top) for m, a, b in worst[:5]]
-    official = {"student": dict(model.named_parameters()), "teacher": dict(ema.named_parameters())}
-    for part, title in (("student", "student after SGD step"), ("teacher", "EMA teacher after update")):
-        rows.append(_row(title, torch.cat([official[part][inverse[m]].detach().flatten() for m in ours[part]]),
+    names = {"student": "weights after SGD step", "teacher": "EMA teacher after update"}
+    for part, official in states.items():
+        rows.append(_row(names[part], torch.cat([official[inverse[m]].detach().flatten() for m in ours[part]]),
                          torch.cat([v.flatten() for v in ours[part].values()])))
-    rows.append(_row("consistency weight, updates 1-6000", torch.tensor(ramp, dtype=torch.float64),
+    rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
                      torch.tensor(ours["ramp"], dtype=torch.float64)))
-    meta = {"method": "mean_teacher", "step": "method", "dims": 3, "size": args.size, "batch": 4,
-            "n_filters": args.n_filters, "seed": seed, "iteration": k, "official_repo": "HiLab-git/SSL4MIS",
+    meta = {"method": args.method, "step": "method", "dims": 3, "size": args.size, "batch": 4,
+            "n_filters": args.n_filters, "seed": args.seed, "iteration": args.iteration, "official_repo": repo,
             "official_commit": args.official_commit or _git(root),
             "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}",
             "command": "python benchmarks/official_equivalence.py " + " ".join(sys.argv[1:]),
-            "official": {"supervised": supervised.item(), "weight": weight, "consistency": consistency.item(),
-                         "loss": loss.item(),
+            "official": {"scalars": scalars,
                          "grad_norms": {m: grads[inverse[m]].double().norm().item() for m in ours["grads"]},
-                         "student_norms": {m: official["student"][inverse[m]].double().norm().item()
-                                           for m in ours["student"]},
-                         "teacher_norms": {m: official["teacher"][inverse[m]].double().norm().item()
-                                           for m in ours["teacher"]},
+                         **{f"{part}_norms": {m: official[inverse[m]].double().norm().item() for m in ours[part]}
+                            for part, official in states.items()},
                          "ramp": ramp}}
     return rows, meta
+
+
+def compare_mcnet_step(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One whole update of MC-Net's `train_mcnet_3d.py` (loop body rebuilt from the official network,
+    `utils.losses.Binary_dice_loss` / `mse_loss`, `utils.ramps` and the script's `sharpening` formula, with
+    its defaults lamda 0.5, consistency 1, ramp-up 40, T 0.1) against semiseg's `train_step`."""
+    from golden_step import mcnet_step
+    from semiseg.official import key_map
+
+    root, k, seed = Path(args.official), args.iteration, args.seed
+    ours = mcnet_step(args.method, args.n_filters, args.size, seed, k)
+    cls = _official_class(root, "code/networks/VNet.py:" + ("MCNet3d_v1" if args.method == "mcnet" else "MCNet3d_v2"))
+    model = cls(n_channels=1, n_classes=2, n_filters=args.n_filters, normalization="batchnorm", has_dropout=True)
+    losses, ramps = _official_module(root, "code/utils/losses.py"), _official_module(root, "code/utils/ramps.py")
+    mapping = key_map(list(model.state_dict()), args.method, 3)
+    weights = seeded_weights(ours["method"].net, seed)
+    model.load_state_dict({o: weights[m].clone() for o, m in mapping.items()})
+    _install_official_dropout(model, args.method, 3, seed)
+    x, label = ours["x"], ours["label"]
+
+    def sharpening(p: torch.Tensor) -> torch.Tensor:  # the script's, with T = 1 / args.temperature
+        t = 1 / 0.1
+        return p ** t / (p ** t + (1 - p) ** t)
+
+    # --- the official loop body (iter_num incremented before the weight)
+    model.train()
+    outputs = model(x)
+    y_ori = torch.zeros((len(outputs),) + outputs[0].shape)
+    y_pseudo_label = torch.zeros((len(outputs),) + outputs[0].shape)
+    loss_seg_dice = 0
+    for idx in range(len(outputs)):
+        y_prob = F.softmax(outputs[idx][:2], dim=1)
+        loss_seg_dice += losses.Binary_dice_loss(y_prob[:, 1, ...], label[:2, ...] == 1)
+        y_prob_all = F.softmax(outputs[idx], dim=1)
+        y_ori[idx] = y_prob_all
+        y_pseudo_label[idx] = sharpening(y_prob_all)
+    loss_consist = 0
+    for i in range(len(outputs)):
+        for j in range(len(outputs)):
+            if i != j:
+                loss_consist += losses.mse_loss(y_ori[i], y_pseudo_label[j])
+    weight = 1.0 * ramps.sigmoid_rampup(k // 150, 40.0)
+    loss = 0.5 * loss_seg_dice + weight * loss_consist
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0001)
+    optimizer.zero_grad()
+    loss.backward()
+    grads = {o: p.grad.detach().clone() for o, p in model.named_parameters()}
+    optimizer.step()
+    ramp = [1.0 * ramps.sigmoid_rampup(t // 150, 40.0) for t in range(1, 15001)]
+    scalars = {"dice": float(loss_seg_dice), "consistency": float(loss_consist), "weight": weight,
+               "loss": float(loss)}
+    titles = {"dice": "sum of decoder Dice losses", "consistency": "mutual consistency (sharpened MSE)",
+              "weight": "consistency weight", "loss": "total loss"}
+    return _step_report(args, "ycwu1997/MC-Net", root, ours, mapping, scalars, titles, grads,
+                        {"student": dict(model.named_parameters())}, ramp)
 
 
 def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -306,17 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-fixture", action="store_true", help="save tests/golden/NAME.json")
     parser.add_argument("--step", choices=("network", "method"), default="network",
-                        help="method: the whole official training update (mean_teacher only so far)")
+                        help="method: the whole official training update (mean_teacher, mcnet, mcnet_plus)")
     parser.add_argument("--iteration", type=int, default=1000, help="--step method: the 1-based update")
     args = parser.parse_args(argv)
     args.classes = args.classes or (2 if args.dims == 3 else 4)
     if args.step == "method":
-        if args.method != "mean_teacher":
-            parser.error("--step method is implemented for --method mean_teacher only so far")
-        rows, meta = compare_mean_teacher_step(args)
+        steps = {"mean_teacher": compare_mean_teacher_step, "mcnet": compare_mcnet_step,
+                 "mcnet_plus": compare_mcnet_step}
+        if args.method not in steps:
+            parser.error(f"--step method is implemented for {', '.join(steps)} so far")
+        rows, meta = steps[args.method](args)
         print_table(rows, meta)
         if args.write_fixture:
-            path = REPO / "tests" / "golden" / "steps" / "mean_teacher.json"
+            path = REPO / "tests" / "golden" / "steps" / f"{args.method}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(meta, indent=1) + "\n")
             print(f"fixture: {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} KiB)")

@@ -169,7 +169,41 @@ def mean_teacher_step(n_filters: int, size: int, seed: int, iteration: int) -> d
     grads = {k: p.grad.detach().clone() for k, p in method.net.named_parameters()}
     optimizer.step()
     method.after_step(ctx)
-    return {"method": method, "x": x, "label": label[:2], "loss": out.loss.detach(), "logs": out.logs,
-            "grads": grads, "student": {k: p.detach() for k, p in method.net.named_parameters()},
+    logs = out.logs
+    scalars = {"supervised": float(logs["loss/supervised"]), "weight": float(logs["weight/consistency"]),
+               "consistency": float(logs["loss/consistency"]), "loss": float(out.loss.detach())}
+    return {"method": method, "x": x, "label": label[:2], "grads": grads, "scalars": scalars,
+            "student": {k: p.detach() for k, p in method.net.named_parameters()},
             "teacher": {k: p.detach() for k, p in method.teacher.net.named_parameters()},
             "ramp": [method.consistency_weight(StepContext(t, 6000)) for t in range(1, 6001)]}
+
+
+def mcnet_step(method_name: str, n_filters: int, size: int, seed: int, iteration: int) -> dict[str, Any]:
+    """semiseg's whole MC-Net / MC-Net+ update (official defaults: lamda 0.5, consistency 1, ramp-up 40,
+    T 0.1) on seeded weights with keyed dropout; SGD lr 0.01, momentum 0.9, weight decay 1e-4."""
+    from semiseg.data.loader import Batch
+    from semiseg.methods import get_method
+    from semiseg.methods.base import NetSpec, StepContext
+
+    cls = get_method(method_name)
+    method = cls(cls.Params(), NetSpec(1, 2, 3, n_filters))
+    method.net.load_state_dict(seeded_weights(method.net, seed))
+    install_dropout(method.net, seed)
+    x, label = inputs(3, size, 4, 2, seed)
+    method.train()
+    ctx = StepContext(iteration, 15000)
+    out = method.train_step(Batch(x[:2], label[:2], x[2:], torch.arange(2)), ctx)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer.zero_grad()
+    out.loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in method.net.named_parameters()}
+    optimizer.step()
+    p = method.params
+    from semiseg.engine.schedules import sigmoid_rampup
+
+    return {"method": method, "x": x, "label": label[:2], "grads": grads,
+            "scalars": {"dice": float(out.logs["loss/dice"]), "consistency": float(out.logs["loss/consistency"]),
+                        "weight": float(out.logs["weight/consistency"]), "loss": float(out.loss.detach())},
+            "student": {k: v.detach() for k, v in method.net.named_parameters()},
+            "ramp": [p.consistency * sigmoid_rampup(t, p.consistency_rampup, p.epoch_iterations)
+                     for t in range(1, 15001)]}
