@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,7 +207,9 @@ def compare_mean_teacher_step(args: argparse.Namespace) -> tuple[list[dict[str, 
     from semiseg.official import key_map
 
     root, k, seed = Path(args.official), args.iteration, args.seed
-    ours = mean_teacher_step(args.n_filters, args.size, seed, k)  # semiseg first: its seeded initial weights
+    uamt = args.method == "uamt"
+    total = 30000 if uamt else 6000  # UA-MT's threshold ramp spans the script's max_iterations (30,000)
+    ours = mean_teacher_step(args.n_filters, args.size, seed, k, args.method, total)  # semiseg first
     vnet = _official_class(root, "code/networks/vnet.py:VNet")
     model, ema = (vnet(n_channels=1, n_classes=2, n_filters=args.n_filters, normalization="batchnorm",
                        has_dropout=True) for _ in range(2))
@@ -231,12 +234,32 @@ def compare_mean_teacher_step(args: argparse.Namespace) -> tuple[list[dict[str, 
     outputs = model(x)
     outputs_soft = torch.softmax(outputs, dim=1)
     with torch.no_grad():
-        ema_output_soft = torch.softmax(ema(unlabeled + noise), dim=1)
+        ema_output = ema(unlabeled + noise)
+        ema_output_soft = torch.softmax(ema_output, dim=1)
+    if uamt:  # train_uncertainty_aware_mean_teacher_3D.py, T = 8 passes on the batch repeated twice
+        _, _, d, w, h = unlabeled.shape
+        volume_batch_r = unlabeled.repeat(2, 1, 1, 1, 1)
+        stride = volume_batch_r.shape[0] // 2
+        preds = torch.zeros([stride * 8, 2, d, w, h])  # the script's .cuda() dropped: CPU run
+        for i in range(8 // 2):
+            ema_inputs = volume_batch_r + torch.clamp(torch.randn_like(volume_batch_r) * 0.1, -0.2, 0.2)
+            with torch.no_grad():
+                preds[2 * stride * i:2 * stride * (i + 1)] = ema(ema_inputs)
+        preds = torch.softmax(preds, dim=1).reshape(8, stride, 2, d, w, h).mean(dim=0)
+        uncertainty = -1.0 * torch.sum(preds * torch.log(preds + 1e-6), dim=1, keepdim=True)
     loss_ce = torch.nn.CrossEntropyLoss()(outputs[:2], label)
     loss_dice = losses.DiceLoss(2)(outputs_soft[:2], label.unsqueeze(1))
     supervised = 0.5 * (loss_dice + loss_ce)
     weight = 0.1 * ramps.sigmoid_rampup((k - 1) // 150, 200.0)
-    consistency = torch.mean((outputs_soft[2:] - ema_output_soft) ** 2)
+    extra = {}
+    if uamt:
+        consistency_dist = losses.softmax_mse_loss(outputs[2:], ema_output)
+        threshold = (0.75 + 0.25 * ramps.sigmoid_rampup(k - 1, total)) * np.log(2)
+        mask = (uncertainty < threshold).float()
+        consistency = torch.sum(mask * consistency_dist) / (2 * torch.sum(mask) + 1e-16)
+        extra = {"threshold": float(threshold), "certain_fraction": mask.mean().item()}
+    else:
+        consistency = torch.mean((outputs_soft[2:] - ema_output_soft) ** 2)
     loss = supervised + weight * consistency
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0001)
     optimizer.zero_grad()
@@ -250,11 +273,13 @@ def compare_mean_teacher_step(args: argparse.Namespace) -> tuple[list[dict[str, 
     ramp = [0.1 * ramps.sigmoid_rampup((t - 1) // 150, 200.0) for t in range(1, 6001)]
 
     scalars = {"supervised": supervised.item(), "weight": weight, "consistency": consistency.item(),
-               "loss": loss.item()}
+               "loss": loss.item(), **extra}
     titles = {"supervised": "supervised 0.5 (CE + Dice)", "weight": "consistency weight",
-              "consistency": "consistency MSE", "loss": "total loss"}
+              "consistency": "consistency (masked) MSE", "loss": "total loss",
+              "threshold": "uncertainty threshold", "certain_fraction": "certain-voxel fraction (mask)"}
     states = {"student": dict(model.named_parameters()), "teacher": dict(ema.named_parameters())}
     return _step_report(args, "HiLab-git/SSL4MIS", root, ours, mapping, scalars, titles, grads, states, ramp)
+
 
 
 def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str, Any], mapping: dict[str, str],
@@ -368,12 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-fixture", action="store_true", help="save tests/golden/NAME.json")
     parser.add_argument("--step", choices=("network", "method"), default="network",
-                        help="method: the whole official training update (mean_teacher, mcnet, mcnet_plus)")
+                        help="method: the whole official training update (mean_teacher, uamt, mcnet, mcnet_plus)")
     parser.add_argument("--iteration", type=int, default=1000, help="--step method: the 1-based update")
     args = parser.parse_args(argv)
     args.classes = args.classes or (2 if args.dims == 3 else 4)
     if args.step == "method":
-        steps = {"mean_teacher": compare_mean_teacher_step, "mcnet": compare_mcnet_step,
+        steps = {"mean_teacher": compare_mean_teacher_step, "uamt": compare_mean_teacher_step,
+                 "mcnet": compare_mcnet_step,
                  "mcnet_plus": compare_mcnet_step}
         if args.method not in steps:
             parser.error(f"--step method is implemented for {', '.join(steps)} so far")

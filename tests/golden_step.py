@@ -30,7 +30,7 @@ class KeyedDropout(nn.Module):
         self.n = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = self.keys[min(self.n, len(self.keys) - 1)]
+        key = self.keys[self.n % len(self.keys)]  # a module called k times per forward cycles its k keys
         self.n += 1
         count = self.calls.get(key, 0)
         self.calls[key] = count + 1
@@ -142,15 +142,17 @@ def summarize_output(t: torch.Tensor, n: int = 64) -> dict[str, Any]:
             "max_abs": flat.abs().max().item(), "samples": flat[index].tolist()}
 
 
-def mean_teacher_step(n_filters: int, size: int, seed: int, iteration: int) -> dict[str, Any]:
-    """semiseg's whole Mean Teacher update with the SSL4MIS script's defaults (consistency 0.1, ramp-up 200
-    epochs), seeded student and teacher, keyed dropout (`student.` / `teacher.` keys), noise from
-    `torch.manual_seed(seed)`; SGD lr 0.01, momentum 0.9, weight decay 1e-4, then the EMA update."""
+def mean_teacher_step(n_filters: int, size: int, seed: int, iteration: int, name: str = "mean_teacher",
+                      total: int = 6000) -> dict[str, Any]:
+    """semiseg's whole Mean Teacher (or UA-MT) update with the SSL4MIS script's defaults (consistency 0.1,
+    ramp-up 200 epochs; UA-MT: `total` = its max_iterations for the threshold ramp), seeded student and teacher,
+    keyed dropout (`student.` / `teacher.` keys), noise from `torch.manual_seed(seed)`; SGD lr 0.01, momentum
+    0.9, weight decay 1e-4, then the EMA update."""
     from semiseg.data.loader import Batch
     from semiseg.methods import get_method
     from semiseg.methods.base import NetSpec, StepContext
 
-    cls = get_method("mean_teacher")
+    cls = get_method(name)
     method = cls(cls.Params(consistency=0.1, consistency_rampup=200.0), NetSpec(1, 2, 3, n_filters))
     for net, tag, s in ((method.net, "student", seed), (method.teacher.net, "teacher", seed + 1)):
         net.load_state_dict(seeded_weights(net, s))
@@ -161,7 +163,7 @@ def mean_teacher_step(n_filters: int, size: int, seed: int, iteration: int) -> d
     x, label = inputs(3, size, 4, 2, seed)
     method.train()
     torch.manual_seed(seed)
-    ctx = StepContext(iteration, 6000)
+    ctx = StepContext(iteration, total)
     out = method.train_step(Batch(x[:2], label[:2], x[2:], torch.arange(2)), ctx)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     optimizer.zero_grad()
@@ -172,10 +174,13 @@ def mean_teacher_step(n_filters: int, size: int, seed: int, iteration: int) -> d
     logs = out.logs
     scalars = {"supervised": float(logs["loss/supervised"]), "weight": float(logs["weight/consistency"]),
                "consistency": float(logs["loss/consistency"]), "loss": float(out.loss.detach())}
+    if name == "uamt":
+        scalars.update(threshold=float(logs["uncertainty/threshold"]),
+                       certain_fraction=float(logs["uncertainty/certain_fraction"]))
     return {"method": method, "x": x, "label": label[:2], "grads": grads, "scalars": scalars,
             "student": {k: p.detach() for k, p in method.net.named_parameters()},
             "teacher": {k: p.detach() for k, p in method.teacher.net.named_parameters()},
-            "ramp": [method.consistency_weight(StepContext(t, 6000)) for t in range(1, 6001)]}
+            "ramp": [method.consistency_weight(StepContext(t, total)) for t in range(1, 6001)]}
 
 
 def mcnet_step(method_name: str, n_filters: int, size: int, seed: int, iteration: int) -> dict[str, Any]:

@@ -87,8 +87,9 @@ def test_whole_update_matches_official(path: Path) -> None:
 
     fx = json.loads(path.read_text())
     want = fx["official"]
-    if fx["method"] == "mean_teacher":
-        res = mean_teacher_step(fx["n_filters"], fx["size"], fx["seed"], fx["iteration"])
+    if fx["method"] in ("mean_teacher", "uamt"):
+        res = mean_teacher_step(fx["n_filters"], fx["size"], fx["seed"], fx["iteration"], fx["method"],
+                                30000 if fx["method"] == "uamt" else 6000)
     else:
         res = mcnet_step(fx["method"], fx["n_filters"], fx["size"], fx["seed"], fx["iteration"])
     for key, value in want["scalars"].items():
