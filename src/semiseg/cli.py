@@ -97,13 +97,29 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     spacing: Annotated[str | None, typer.Option(
         help="X,Y,Z mm per voxel: HD95 / ASD in mm (default: voxels, as the papers)")] = None,
+    official_checkpoint: Annotated[Path | None, typer.Option(
+        help="A .pth saved by the method's official training script (needs --method and --data)")] = None,
+    method: Annotated[str | None, typer.Option(help="With --official-checkpoint: the method")] = None,
+    preset: Annotated[str | None, typer.Option(help="With --official-checkpoint: the method's preset")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="With --official-checkpoint: key=value, "
+                                                   "e.g. n_filters=16 or patch_size=112,112,80")] = None,
 ) -> None:
     """Score a model (or a folder of predictions) with the papers' metrics and a protocol card."""
     from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_card, format_summary, parse_spacing
 
     voxel_size = parse_spacing(spacing)
 
-    if pred is not None:
+    if official_checkpoint is not None:
+        from .config import build_config, parse_set
+        from .engine.evaluate import evaluate_official_checkpoint
+
+        if method is None or data is None:
+            raise SemisegError("--official-checkpoint needs --method NAME and --data DATASET")
+        cfg = build_config(method, None, {**parse_set(set_ or []), "data": data}, preset)
+        target = out or official_checkpoint.parent / f"eval-{split}"
+        summary = evaluate_official_checkpoint(official_checkpoint, cfg, target, split, lcc, empty_policy, device,
+                                               save_predictions, voxel_size)
+    elif pred is not None:
         if data is None:
             raise SemisegError("--pred needs --data, the dataset whose labels are the reference")
         target = out or pred.parent / f"eval-{split}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .methods import get_method
@@ -45,6 +45,8 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "poly", "step"] = "constant"
     poly_power: float = 0.9
     poly_horizon: int = 0  # "poly": iterations the decay spans, 0 = `iterations` (CrossMatch-LA: 17,000)
+    # "poly": update k uses poly(max(k - 1 - lag, 0)); CrossMatch-ACDC sets the rate after each step: lag 1
+    poly_lag: int = Field(0, ge=0)
     lr_step: int = 2500
     lr_gamma: float = 0.1
     lr_step_start: int = 0  # "step": iterations at the base rate before the first period (BCP's pre-training)

@@ -16,6 +16,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from .. import __version__
 from ..config import TrainConfig, load_yaml
@@ -23,11 +24,12 @@ from ..data import Layout, open_dataset
 from ..data.h5 import read_array
 from ..data.prepare import parse_sizes, read_volume
 from ..errors import ConfigError, DataError, one_line
+from ..methods.base import Method, NetSpec
 from .checkpoint import check_writable, load_checkpoint, restore_method
 from .inference import predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
 from .runlock import FolderLock
-from .trainer import BEST, CHECKPOINT, inference_protocol, resolve_device
+from .trainer import BEST, CHECKPOINT, build_method, inference_protocol, resolve_device
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 # How each checkpoint rule chose the weights, stated in the protocol card (protocol.md section 6).
@@ -173,7 +175,47 @@ def _evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None, split: s
     ckpt_path, rule = resolve_checkpoint(checkpoint, which)
     payload = load_checkpoint(ckpt_path)
     dev = resolve_device(device)
-    cfg, spec, method = restore_method(ckpt_path, payload, dev)
+    cfg, _, method = restore_method(ckpt_path, payload, dev)
+    best = payload.get("best") or {}
+    checkpoint_card = {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
+                       "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
+                       "run_selection_rule": cfg.checkpoint_selection,
+                       "best_val": best if best.get("iteration") else None,
+                       "complete": payload["iteration"] >= cfg.iterations}
+    return _evaluate_method(method, cfg, checkpoint_card, out, data, split, post_lcc, empty_policy, dev,
+                            save_predictions, spacing)
+
+
+def evaluate_official_checkpoint(file: Path, cfg: TrainConfig, out: Path, split: str = "test",
+                                 post_lcc: bool | None = None, empty_policy: str | None = None,
+                                 device: str = "auto", save_predictions: bool = False,
+                                 spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Score a checkpoint saved by the authors' training script (`semiseg.official` maps its keys) under
+    semiseg's protocol; `cfg` gives the method, the dataset and the inference settings."""
+    from ..official import load_official_checkpoint, official_layout
+
+    with _locked_output(out, "semiseg evaluate --official-checkpoint"):
+        layout = open_dataset(cfg.data, cfg.layout)
+        probe = layout.read(layout.split(cfg.labeled, cfg.val).labeled[0])
+        spec = NetSpec(probe.image.shape[0], layout.num_classes, layout.spatial_dims, cfg.n_filters, cfg.norm,
+                       cfg.dropout)
+        official = official_layout(cfg.method, spec.spatial_dims)  # a clear error before the network is built
+        dev = resolve_device(device)
+        method = build_method(cfg, spec, torch.device("cpu"))
+        load_official_checkpoint(file, method)
+        checkpoint_card = {"path": str(file), "iteration": None, "of": None, "rule": "official",
+                           "how_chosen": f"an official checkpoint of {official.repo} ({official.network}), keys "
+                                         "mapped by semiseg.official; its selection rule is the official script's",
+                           "run_selection_rule": None, "best_val": None, "complete": None}
+        return _evaluate_method(method.to(dev), cfg, checkpoint_card, out, None, split, post_lcc, empty_policy,
+                                dev, save_predictions, spacing)
+
+
+def _evaluate_method(method: Method, cfg: TrainConfig, checkpoint_card: dict[str, Any], out: Path,
+                     data: str | None, split: str, post_lcc: bool | None, empty_policy: str | None,
+                     dev: torch.device, save_predictions: bool,
+                     spacing: tuple[float, ...] | None) -> dict[str, Any]:
+    spec = method.spec
     if post_lcc is not None:
         cfg.post_lcc = post_lcc
     policy = _checked_policy(empty_policy or cfg.empty_policy)
@@ -194,7 +236,6 @@ def _evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None, split: s
         rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy, spacing,
                                                        case_id)})
     train_split = layout.split(cfg.labeled, cfg.val)
-    best = payload.get("best") or {}
     card = {
         "dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
                     "class_names": list(layout.class_names),
@@ -202,11 +243,7 @@ def _evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None, split: s
                     "val_ids": train_split.val, "val_source": train_split.val_source},
         "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {method.evaluated_output()}"},
         "metrics": _metric_card(policy, spacing),
-        "checkpoint": {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
-                       "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
-                       "run_selection_rule": cfg.checkpoint_selection,
-                       "best_val": best if best.get("iteration") else None,
-                       "complete": payload["iteration"] >= cfg.iterations},
+        "checkpoint": checkpoint_card,
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "code_version": code_version(),
     }
     return write_report(out, rows, card)
@@ -289,8 +326,9 @@ def format_card(summary: dict[str, Any]) -> Iterable[str]:
     yield f"split    {data['split']}: {len(data['case_ids'])} cases of {data['root']} ({data['layout']})"
     if "checkpoint" in card:
         ckpt, inf = card["checkpoint"], card["inference"]
-        yield (f"model    {card['method']}, {len(data['labeled_ids'])} labelled, seed {card['seed']}; checkpoint "
-               f"iteration {ckpt['iteration']}/{ckpt['of']} (rule: {ckpt['rule']})")
+        which = f"official checkpoint {ckpt['path']}" if ckpt["rule"] == "official" else \
+            f"checkpoint iteration {ckpt['iteration']}/{ckpt['of']} (rule: {ckpt['rule']})"
+        yield f"model    {card['method']}, {len(data['labeled_ids'])} labelled, seed {card['seed']}; {which}"
         sizes = "x".join(map(str, inf["patch_size"]))
         window = f"{inf['mode']} {sizes}, stride {'x'.join(map(str, inf['stride']))}"
         yield f"infer    {window}, mean softmax, argmax, largest component {'on' if inf['post_lcc'] else 'off'}"

@@ -97,7 +97,8 @@ def build_optimizer(cfg: TrainConfig, method: Method) -> torch.optim.Optimizer:
 def learning_rate(cfg: TrainConfig, iteration: int) -> float:
     """LR used by update number `iteration` (1-based), as SSL4MIS-style loops set it."""
     if cfg.lr_schedule == "poly":
-        return poly_lr(cfg.lr, iteration - 1, cfg.poly_horizon or cfg.iterations, cfg.poly_power)
+        return poly_lr(cfg.lr, max(iteration - 1 - cfg.poly_lag, 0), cfg.poly_horizon or cfg.iterations,
+                       cfg.poly_power)
     if cfg.lr_schedule == "step":
         return step_lr(cfg.lr, iteration - cfg.lr_step_start, cfg.lr_step, cfg.lr_gamma)
     return cfg.lr

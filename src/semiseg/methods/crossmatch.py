@@ -66,6 +66,10 @@ class CrossMatchParams(MethodParams):
     mix_teacher_mode: Literal["train", "eval"] = "train"
     """Q2: mode of the no-grad teacher pass on the mix batch: train (HEAD: batch-stat BN, dropouts on) or
     eval (paper-era, BN running statistics, x5/x9 dropout off; the feature perturbation stays on)."""
+    mix_teacher_eval_epoch_iterations: int = Field(0, ge=0)
+    """Q2 (ACDC HEAD): when > 0, the epoch length E in updates; the mix teacher then runs in eval mode at the
+    first update of every epoch after the first (updates k E + 1, k >= 1), as the official ACDC loop does
+    (its end-of-epoch validation leaves the model in eval() and train() comes after the teacher). 0: never."""
     dkd_box_target_source: Literal["mix", "self"] = "mix"
     """Q3: inside box M2 the L_dkd targets come from the dropout decoders on the mix batch (HEAD, fixed
     Dec 2024) or, as in the paper-era code, from the same decoders on u_w itself (spatially wrong)."""
@@ -131,10 +135,14 @@ def _presets() -> dict[str, dict[str, Any]]:
         presets[f"la-{n}-corrected"] = {**head, "cutmix3d_axes": "correct", "mix_teacher_mode": "eval",
                                         "poly_horizon": 0, "schedule_horizon": 0}
     for n, iterations in ((3, 30900), (7, 29400)):
-        head = {"labeled": n, "iterations": iterations, **_ACDC}
+        # The official loop sets the poly rate after each step (lag 1) and validates in eval() at every epoch
+        # end, so the first mix teacher of each later epoch runs in eval mode (epochs of iterations / 300).
+        head = {"labeled": n, "iterations": iterations, **_ACDC, "poly_lag": 1,
+                "mix_teacher_eval_epoch_iterations": iterations // 300}
         presets[f"acdc-{n}"] = head
         presets[f"acdc-{n}-paper"] = {**head, **_PAPER}
-        presets[f"acdc-{n}-corrected"] = {**head, "mix_teacher_mode": "eval", "val": 1,
+        presets[f"acdc-{n}-corrected"] = {**head, "mix_teacher_mode": "eval", "val": 1, "poly_lag": 0,
+                                          "mix_teacher_eval_epoch_iterations": 0,
                                           "checkpoint_selection": "best_on_val"}
     return presets
 
@@ -188,9 +196,9 @@ class CrossMatch(Method):
         return cutmix_boxes_2d(n, size, device, self.params.cutmix_prob)
 
     @torch.no_grad()
-    def _mix_teacher(self, x: torch.Tensor, u_mix: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _mix_teacher(self, x: torch.Tensor, u_mix: torch.Tensor, iteration: int) -> dict[str, torch.Tensor]:
         """Hard labels and confidences on the mix batch: clean path, and the dropout paths if L_dkd uses them."""
-        self.net.train(self.params.mix_teacher_mode == "train")
+        self.net.train(self.mix_teacher_trains(iteration))
         out: dict[str, torch.Tensor] = {}
         out["conf_c"], out["label_c"] = confidence(self.net(u_mix))
         if self.params.dkd_box_target_source == "mix":
@@ -201,6 +209,13 @@ class CrossMatch(Method):
         self.net.train()
         return out
 
+    def mix_teacher_trains(self, iteration: int) -> bool:
+        """Whether the mix teacher of update `iteration` runs in train mode (Q2)."""
+        epoch = self.params.mix_teacher_eval_epoch_iterations
+        if epoch and iteration > epoch and (iteration - 1) % epoch == 0:
+            return False
+        return self.params.mix_teacher_mode == "train"
+
     def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         p = self.params
         x, y, u = batch.image_labeled, batch.label_labeled, batch.image_unlabeled
@@ -210,7 +225,7 @@ class CrossMatch(Method):
             u = quantise_8bit(u)
         n_u = len(u) // 2
         u_w, u_mix = u[:n_u], u[n_u:]
-        mix = self._mix_teacher(x, u_mix)
+        mix = self._mix_teacher(x, u_mix, ctx.iteration)
 
         s1, s2, s1_mix, s2_mix = self.strong_views(torch.cat([u_w, u_w, u_mix, u_mix])).split(n_u)
         box1, box2 = self.cutmix_boxes(2 * n_u, tuple(u.shape[2:]), u.device).split(n_u)

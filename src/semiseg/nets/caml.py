@@ -34,11 +34,13 @@ class CrossSampleAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        tokens = x.flatten(2).transpose(1, 2)  # [B, N, C]
         # Sequence-first layers: [N, B, C] makes N the sequence (intra); [B, N, C] makes B the sequence (inter).
-        tokens = self.intra_sample(tokens.transpose(0, 1)).transpose(0, 1)
+        # Every token tensor is a contiguous copy, as in the official code: a strided view selects other
+        # matmul kernels, whose rounding differs (1e-4 of f_a's output at 112x112x80, 3e-3 on gradients).
+        tokens = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
+        tokens = self.intra_sample(tokens.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
         tokens = self.inter_sample(tokens)
-        return tokens.transpose(1, 2).reshape(x.shape)
+        return tokens.transpose(1, 2).reshape(x.shape).contiguous()
 
 
 class FeatureHead(nn.Module):
