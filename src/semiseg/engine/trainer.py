@@ -242,29 +242,15 @@ class Trainer:
             if cfg is None:
                 raise ValueError("a new run needs its configuration")
             cfg = resolved(cfg.model_copy(update={"data": absolute_data(cfg.data)}))
-        layout = locate_dataset(cfg.data, None, cfg.layout) if resume else open_dataset(cfg.data, cfg.layout)
-        self.fingerprint = dataset_fingerprint(layout)
-        if self.state is not None:
-            self._check_same_dataset(cfg.data)
-            self.plan = dict(self.state.get("plan") or {"source": "saved with the run"})
-        else:
-            cfg, self.plan = plan_window(cfg, layout)
-        self.cfg = cfg
         self.dist = init_from_env(resolve_device(cfg.device).type)
-        seed_everything(cfg.seed)  # identical initial weights on every process
-        self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None, layout)
-        # The run folder is made only once the data and the recipe are known to be good (no empty folders).
         self._created = not self.out.exists()
         if self.dist.is_main:
-            try:
-                check_writable(self.out)
-                check_free_space(self.out, checkpoint_bytes(self.s.method, self.s.optimizer),
-                                 (CHECKPOINT, BEST) if self._selects_best else (CHECKPOINT,))
-            except SemisegError:
-                self._discard()
-                raise
-            for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
-                torn.unlink()
+            check_writable(self.out)  # before any data is read: an unwritable --out fails at once
+        try:  # a failure from here on leaves no empty run folder behind
+            cfg = self._build(cfg, resume)
+        except BaseException:
+            self._discard()
+            raise
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # independent dropout and sampling per process
         self.start = 0
@@ -285,6 +271,25 @@ class Trainer:
         if self.dist.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+
+    def _build(self, cfg: TrainConfig, resume: bool) -> TrainConfig:
+        """Data, window, method and optimiser of the run; checks that the disk holds its checkpoints."""
+        layout = locate_dataset(cfg.data, None, cfg.layout) if resume else open_dataset(cfg.data, cfg.layout)
+        self.fingerprint = dataset_fingerprint(layout)
+        if self.state is not None:
+            self._check_same_dataset(cfg.data)
+            self.plan = dict(self.state.get("plan") or {"source": "saved with the run"})
+        else:
+            cfg, self.plan = plan_window(cfg, layout)
+        self.cfg = cfg
+        seed_everything(cfg.seed)  # identical initial weights on every process
+        self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None, layout)
+        if self.dist.is_main:
+            check_free_space(self.out, checkpoint_bytes(self.s.method, self.s.optimizer),
+                             (CHECKPOINT, BEST) if self._selects_best else (CHECKPOINT,))
+            for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
+                torn.unlink()
+        return cfg
 
     def _check_same_dataset(self, data: str) -> None:
         """A resumed run trains on the very dataset it started with, wherever it lies now."""
