@@ -77,8 +77,9 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path, tiny_synthetic: str) 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--method", "nope"], "unknown method 'nope'"),
-    (["train", "--data", "/does/not/exist"], "data folder not found"),
-    (["train", "--set", "lr=abc"], "config key 'lr'"),
+    (["train", "--method", "supervised", "--data", "/does/not/exist"], "data folder not found"),
+    (["train", "--method", "supervised", "--set", "lr=abc"], "config key 'lr'"),
+    (["train", "--data", "/does/not/exist"], "train needs --method NAME; methods: bcp, caml,"),
     (["evaluate", "/does/not/exist.pt"], "neither a run folder nor a checkpoint"),
     (["evaluate", "/does/not/exist.pt", "--spacing", "0.6,-1,1"], "--spacing '0.6,-1,1': give one positive size"),
 ])
@@ -99,7 +100,8 @@ def test_foreign_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
 
 def test_existing_run_folder_needs_resume(tmp_path: Path, tiny_synthetic: str) -> None:
     run = tmp_path / "run"
-    args = ["train", "--data", tiny_synthetic, "--labeled", "2", "--iterations", "2", "--out", str(run), *TINY]
+    args = ["train", "--method", "supervised", "--data", tiny_synthetic, "--labeled", "2", "--iterations", "2",
+            "--out", str(run), *TINY]
     semiseg(*args)
     result = semiseg(*args, check=False)
     assert result.returncode == 2 and "--resume" in result.stderr
@@ -108,8 +110,8 @@ def test_existing_run_folder_needs_resume(tmp_path: Path, tiny_synthetic: str) -
 def test_resume_accepts_the_original_command_and_refuses_a_changed_recipe(tmp_path: Path, tiny_synthetic: str,
                                                                           capsys, monkeypatch) -> None:
     run = tmp_path / "run"
-    args = ["train", "--data", tiny_synthetic, "--labeled", "2", "--iterations", "2", "--out", str(run), "--quiet",
-            *TINY]
+    args = ["train", "--method", "supervised", "--data", tiny_synthetic, "--labeled", "2", "--iterations", "2",
+            "--out", str(run), "--quiet", *TINY]
     assert _cli(args, capsys, monkeypatch)[0] == 0
     code, out, _ = _cli([*args, "--resume"], capsys, monkeypatch)  # already complete: nothing to do
     assert code == 0 and "checkpoint.pt" in out
@@ -183,15 +185,15 @@ def test_bad_training_case_is_one_line_naming_the_file(damage, message: str, tmp
     bad = root / "2018LA_Seg_Training Set" / "C0" / "mri_norm2.h5"
     if damage == "truncate":
         bad.write_bytes(bad.read_bytes()[:1000])
-    err = _cli_error(["train", "--data", str(root), "--labeled", "2", "--iterations", "1", "--out",
-                      str(tmp_path / "run"), *TINY], capsys, monkeypatch)
+    err = _cli_error(["train", "--method", "supervised", "--data", str(root), "--labeled", "2", "--iterations", "1",
+                      "--out", str(tmp_path / "run"), *TINY], capsys, monkeypatch)
     assert message in err and str(bad) in err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run").exists()  # a failed train leaves no run folder behind
 
 
 def test_bad_config_is_one_line_naming_the_key_or_file(tmp_path: Path, tiny_synthetic: str, capsys,
                                                        monkeypatch) -> None:
-    base = ["train", "--data", tiny_synthetic, "--out", str(tmp_path / "run"), *TINY]
+    base = ["train", "--method", "supervised", "--data", tiny_synthetic, "--out", str(tmp_path / "run"), *TINY]
     assert "labelled set is empty (--labeled 0)" in _cli_error([*base, "--labeled", "0"], capsys, monkeypatch)
     assert "unknown method 'supervise' (did you mean 'supervised'?)" in _cli_error(
         [*base, "--method", "supervise"], capsys, monkeypatch)

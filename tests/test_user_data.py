@@ -152,7 +152,7 @@ def test_round_trip_prepare_train_predict_evaluate_report(tmp_path: Path, monkey
     root = make_dataset(tmp_path / "MyData", n_labeled=4, n_unlabeled=2, n_test=2)
     out = run_cli(monkeypatch, capsys, "data", "prepare", root, "--spacing", "1.5,1.5,2")
     assert f"prepared 4 labelled, 2 unlabelled and 2 labelled test cases: {root / 'semiseg-prepared'}" in out
-    assert f"semiseg train --data {root} --labeled 4" in out
+    assert f"semiseg train --method mean_teacher --data {root} --labeled 4" in out
     run = tmp_path / "run"
     run_cli(monkeypatch, capsys, "train", "--method", "supervised", "--data", root, "--labeled", "3",
             "--iterations", "3", "--out", run, "--quiet", "--set", "patch_size=16,16,16", "--set", "stride=8,8,8",
@@ -176,12 +176,13 @@ def test_round_trip_prepare_train_predict_evaluate_report(tmp_path: Path, monkey
     np.testing.assert_array_equal(nib.load(str(tmp_path / "one" / "toy_006.nii.gz")).get_fdata(),
                                   nib.load(str(tmp_path / "pred" / "toy_006.nii.gz")).get_fdata())
     run_cli(monkeypatch, capsys, "evaluate", run, "--save-predictions", "--device", "cpu")
-    assert sorted(p.name for p in (run / "eval-test" / "predictions").iterdir()) == ["toy_006.h5", "toy_007.h5"]
+    assert sorted(p.name for p in (run / "eval-test" / "predictions").iterdir()) == ["toy_006.nii.gz",
+                                                                                    "toy_007.nii.gz"]
     out = run_cli(monkeypatch, capsys, "report", run)
     index = run / "report" / "index.html"
     assert f"report: {index}" in out
     page = index.read_text()
-    assert page.count("<tr><td><a href='#case-toy_00") == 2 and "Dice upper (%)" in page
+    assert page.count("<tr><td><a href='#case-toy_00") == 2 and "Dice upper" in page and "95HD upper (mm)" in page
     for image in ("curves.png", "cases/toy_006.png", "cases/toy_007.png"):
         assert (run / "report" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{image}"' in page

@@ -7,8 +7,9 @@ Precedence, lowest first: these defaults < the method's recipe < a named preset 
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,55 +22,96 @@ from .methods.base import Method, MethodParams
 class TrainConfig(BaseModel):
     """Defaults are the LA recipe shared by the papers (protocol.md section 1.3)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
     method: str = "supervised"
+    """Method name (`semiseg methods`); the CLI's `train` requires it."""
     data: str = "synthetic"
+    """Dataset folder (stored absolute and resolved), or synthetic[:n_train=..,n_test=..,shape=XxYxZ,seed=..]."""
     layout: str = "auto"
+    """On-disk layout: auto (detected from the folder), la, pancreas, brats, acdc or nnunet."""
     labeled: int = 8
+    """Labelled training cases: the first N of the training list (8 = the LA benchmark's)."""
     val: int = 0
+    """Validation cases for checkpoint selection: the declared list, else the last V (labelled) training cases."""
     iterations: int = 15000
+    """Training iterations (optimiser updates); a larger value with --resume extends a run."""
     batch_labeled: int = 2
+    """Labelled samples per batch (per process under torchrun)."""
     batch_unlabeled: int = 2
+    """Unlabelled samples per batch (per process under torchrun); 0 trains on labelled cases only."""
     patch_size: tuple[int, ...] = (112, 112, 80)
+    """Training patch and sliding window, multiples of 16; unset, it follows the data (LA: 112x112x80)."""
     stride: tuple[int, ...] = (18, 18, 4)
+    """Sliding-window step at evaluation; unset, it follows the data (LA: 18x18x4)."""
     rot_flip: bool = True
+    """Random 90-degree rotation and flip augmentation (the legacy RandomRotFlip)."""
     n_filters: int = 16
-    norm: Literal["batchnorm", "instancenorm", "groupnorm", "none"] = "batchnorm"  # VNet normalisation
-    dropout: float = 0.5  # VNet Dropout3d on x5 and x9 (the legacy 0.5)
+    """Base channel count of the network (the VNet's 16)."""
+    norm: Literal["batchnorm", "instancenorm", "groupnorm", "none"] = "batchnorm"
+    """VNet normalisation layers."""
+    dropout: float = 0.5
+    """VNet Dropout3d on x5 and x9 (the legacy 0.5)."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    """Optimiser."""
     lr: float = 0.01
+    """Base learning rate."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 1e-4
+    """L2 weight decay (SGD) or decoupled weight decay (AdamW)."""
     nesterov: bool = False
+    """SGD with Nesterov momentum."""
     lr_schedule: Literal["constant", "poly", "step"] = "constant"
+    """Learning-rate schedule: constant, poly decay, or step decay."""
     poly_power: float = 0.9
-    poly_horizon: int = 0  # "poly": iterations the decay spans, 0 = `iterations` (CrossMatch-LA: 17,000)
-    # "poly": update k uses poly(max(k - 1 - lag, 0)); CrossMatch-ACDC sets the rate after each step: lag 1
+    """"poly": lr = base * (1 - t / horizon) ** power."""
+    poly_horizon: int = 0
+    """"poly": iterations the decay spans, 0 = `iterations` (CrossMatch-LA: 17,000)."""
     poly_lag: int = Field(0, ge=0)
+    """"poly": update k uses poly(max(k - 1 - lag, 0)); CrossMatch-ACDC sets the rate after each step: lag 1."""
     lr_step: int = 2500
+    """"step": iterations per period of the step decay."""
     lr_gamma: float = 0.1
-    lr_step_start: int = 0  # "step": iterations at the base rate before the first period (BCP's pre-training)
+    """"step": factor applied to the rate at each period."""
+    lr_step_start: int = 0
+    """"step": iterations at the base rate before the first period (BCP's pre-training)."""
     seed: int = 1337
+    """Seed of the initial weights, the batch stream and the augmentation."""
     checkpoint_every: int = 1000
+    """Iterations between checkpoints (also written at the end and on Ctrl-C)."""
     log_every: int = 20
+    """Iterations between log records (metrics.jsonl, TensorBoard, progress)."""
     val_every: int = 200
-    val_start: int = 0  # first iteration at which validation runs (the official CAML / SSL4MIS monitors from 800)
-    # best_on_test reproduces the official codes' checkpoint choice on the test set; it leaks the test set
+    """Iterations between validations (with val > 0 or best_on_test)."""
+    val_start: int = 0
+    """First iteration at which validation runs (the official CAML / SSL4MIS monitors from 800)."""
     checkpoint_selection: Literal["last", "best_on_val", "best_on_test"] = "last"
+    """Checkpoint evaluated: last, best_on_val, or best_on_test (the official codes' quirk; leaks the test set)."""
     post_lcc: bool = False
+    """Keep the largest connected component of each class at evaluation."""
     empty_policy: Literal["legacy_zero", "nan", "penalty"] = "legacy_zero"
+    """Metrics of an empty prediction: legacy_zero (the papers'), nan (excluded) or penalty (image diagonal)."""
     device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
     amp: bool = True
-    channels_last: Literal["auto", "on", "off"] = "auto"  # channels-last 3D layout; auto = on for CUDA
-    cudnn_benchmark: bool = True  # cuDNN autotuning on CUDA (fixed patch sizes make it pay off)
-    # torch.compile of the method's networks (`Method.compiled_networks`); a torch.compile mode, or off
+    """bf16 autocast on CUDA (no effect on CPU)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Channels-last 3D memory layout; auto = on for CUDA."""
+    cudnn_benchmark: bool = True
+    """cuDNN autotuning on CUDA (fixed patch sizes make it pay off)."""
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
-    sync_bn: bool = False  # multi-GPU: synchronise BatchNorm statistics across processes (CUDA only)
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run, or skip that update
+    """torch.compile mode of the method's networks, or off."""
+    sync_bn: bool = False
+    """Multi-GPU: synchronise BatchNorm statistics across processes (CUDA only)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """NaN/Inf loss: stop the run, or skip that update."""
     num_workers: int = 2
+    """Batch-preparing worker processes (0 = in the training process)."""
     preset: str | None = None
+    """Named preset of the method (e.g. la-8): the paper's recipe for that setting."""
     params: dict[str, Any] = {}
+    """The method's own hyper-parameters (`semiseg config keys --method NAME`), all resolved in config.yaml."""
 
     @field_validator("channels_last", "compile", mode="before")
     @classmethod
@@ -234,8 +276,108 @@ def build_config(method: str | None, file: Path | None = None, overrides: dict[s
         config = TrainConfig(**values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, "config key")) from None
-    config.method_params()  # validate now, not at iteration 1
-    return config
+    return resolved(config)  # method parameters validated now, not at iteration 1
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with every method hyper-parameter written out at its resolved value (config.yaml shows them all)."""
+    params = cfg.method_params().model_dump(mode="json")
+    return cfg if params == cfg.params else cfg.model_copy(update={"params": params})
+
+
+# Keys a resumed run may change without changing its recipe: where it runs and how often it reports or saves.
+RESUME_FREE = ("device", "num_workers", "log_every", "checkpoint_every", "cudnn_benchmark")
+
+
+def resume_config(saved: TrainConfig, typed: dict[str, Any], run: Path) -> TrainConfig:
+    """The saved configuration with what the user typed on a `--resume` command line.
+
+    Only the typed keys are compared (the defaults of options not given are not the user's), so repeating the
+    original command works. A typed key that changes the recipe is refused, naming it; `iterations` may grow
+    (the run is extended), `data` may name the same dataset at a new place (its fingerprint is checked by the
+    trainer), and the keys of `RESUME_FREE` may change freely.
+    """
+    saved = resolved(saved)
+    typed = dict(typed)
+    changed = [f"{key} (run {getattr(saved, key)!r}, given {typed[key]!r})" for key in ("method", "preset")
+               if key in typed and typed.pop(key) != getattr(saved, key)]
+    values = saved.model_dump()
+    apply_overrides(values, saved.method_class(), typed)
+    try:
+        given = resolved(TrainConfig(**values))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, "config key")) from None
+    for key in TrainConfig.model_fields:
+        before, after = getattr(saved, key), getattr(given, key)
+        if key in (*RESUME_FREE, "data", "params") or before == after:
+            continue
+        if key == "iterations" and after > before:
+            continue
+        note = ": a run can be extended, not shortened" if key == "iterations" else ""
+        changed.append(f"{key} (run {before!r}, given {after!r}{note})")
+    changed += [f"{key} (run {saved.params.get(key)!r}, given {value!r})" for key, value in given.params.items()
+                if saved.params.get(key) != value]
+    if changed:
+        raise ConfigError(f"--resume continues {run} with its saved config, but the options change "
+                          f"{', '.join(changed)}; drop them, or train into a new --out")
+    return given
+
+
+def schedules_on_total(cfg: TrainConfig) -> list[str]:
+    """Schedules of `cfg` that span the whole run, so extending the run recomputes them with the new total.
+
+    Ramp-ups measured in epochs (`epoch_iterations`), step decays and stage switches are fixed in iterations and
+    do not move.
+    """
+    names = ["poly learning-rate decay (poly_horizon 0)"] if cfg.lr_schedule == "poly" and not cfg.poly_horizon \
+        else []
+    return names + cfg.method_class().schedules_on_total(cfg.method_params())
+
+
+def _type_name(annotation: Any) -> str:
+    """A short, readable type for `semiseg config keys`: float, int,..., a|b|c, float or null."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"{_type_name(args[0])},..."
+        return ",".join(_type_name(a) for a in args)
+    if origin is dict:
+        return "mapping"
+    if isinstance(annotation, type):
+        return "mapping" if issubclass(annotation, BaseModel) else annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, BaseModel):
+        return str(value.model_dump(mode="json"))
+    return "null" if value is None else str(value)
+
+
+def config_keys(method: str | None = None) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """(section title, [(key, type, default, help)]) for the common keys and, with a method, its own parameters.
+
+    Generated from the pydantic models, so the list cannot miss a key; with a method the common defaults are the
+    method's recipe (`train` without `--preset`).
+    """
+    base = build_config(method) if method else TrainConfig()
+    common = [(name, _type_name(field.annotation), _shown(getattr(base, name)), field.description or "")
+              for name, field in TrainConfig.model_fields.items() if name != "params"]
+    title = f"common keys (defaults with method {method!r}'s recipe)" if method else "common keys"
+    sections = [(title, common)]
+    if method:
+        cls = get_method(method)
+        own = [(name, _type_name(field.annotation), _shown(field.get_default(call_default_factory=True)),
+                field.description or "") for name, field in cls.Params.model_fields.items()]
+        sections.append((f"method {method!r} parameters (presets: {', '.join(cls.presets) or 'none'})", own))
+    return sections
 
 
 def scaled_schedules(method: str, iterations: int, preset: str | None = None) -> dict[str, int]:

@@ -20,8 +20,9 @@ import numpy as np
 
 from .errors import DataError
 
-METRIC_COLUMNS = (("dice", "Dice (%)", 100.0), ("jaccard", "Jaccard (%)", 100.0), ("hd95", "95HD (vox)", 1.0),
-                  ("asd", "ASD (vox)", 1.0))
+# Dice and Jaccard as fractions in [0, 1] with four decimals, as `semiseg evaluate` prints them and summary.json
+# holds them (one convention for the CLI and the report); distances in the card's unit.
+METRIC_COLUMNS = (("dice", "Dice", 4), ("jaccard", "Jaccard", 4), ("hd95", "95HD (vox)", 2), ("asd", "ASD (vox)", 2))
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
@@ -136,10 +137,10 @@ def plot_overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray, class_n
     return path
 
 
-def _cell(value: Any, scale: float) -> str:
+def _cell(value: Any, decimals: int) -> str:
     if not isinstance(value, (int, float)) or not np.isfinite(value):
         return "–"
-    return f"{float(value) * scale:.2f}"
+    return f"{float(value):.{decimals}f}"
 
 
 def _img(src: str, alt: str) -> str:
@@ -147,13 +148,14 @@ def _img(src: str, alt: str) -> str:
 
 
 def _column_title(key: str, class_names: tuple[str, ...]) -> str:
-    """`dice_class2` -> `Dice myocardium (%)`: per-class columns of multi-class evaluations."""
+    """`dice_class2` -> `Dice myocardium`, `hd95_class2` -> `95HD myocardium (vox)`: per-class columns."""
     metric, _, c = key.partition("_class")
     title = next((h for k, h, _ in METRIC_COLUMNS if k == metric), None)
     if title is None or not c.isdigit():
         return key
     name = class_names[int(c)] if int(c) < len(class_names) else f"class {c}"
-    return title.replace(" (", f" {name} (")
+    head, _, unit = title.partition(" (")
+    return f"{head} {name}" + (f" ({unit}" if unit else "")
 
 
 def _with_units(unit: str) -> Callable[[str], str]:
@@ -195,7 +197,7 @@ figcaption{color:#555}.notes{background:#fff8e1;padding:.5em 1em;border-left:4px
             name = f"<a href='#case-{e(case)}'>{e(case)}</a>" if case in overlays else e(case)
             rows.append(f"<tr><td>{name}</td>" + "".join(f"<td>{_cell(row.get(k), s)}</td>"
                                                          for k, _, s in METRIC_COLUMNS)
-                        + "".join(f"<td>{_cell(row.get(k), 100.0 if k.startswith(('dice', 'jaccard')) else 1.0)}</td>"
+                        + "".join(f"<td>{_cell(row.get(k), 4 if k.startswith(('dice', 'jaccard')) else 2)}</td>"
                                   for k in extra) + "</tr>")
         parts.append(f"<h2>Per case</h2><div class='scroll'><table class='cases'><thead><tr><th>Case</th>{head}"
                      f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
@@ -229,10 +231,9 @@ def read_summary(path: Path) -> dict[str, Any]:
 def write_report(run: Path, out: Path | None = None, data: str | None = None, split: str = "test") -> Report:
     """Build `RUN/report/` (or `out`) from what the run folder holds; missing parts become notes."""
     from .config import load_yaml
-    from .data import open_dataset
+    from .data import locate_dataset
     from .data.layouts.base import check_case_id
     from .engine.checkpoint import check_writable
-    from .engine.evaluate import read_prediction
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -260,13 +261,13 @@ def write_report(run: Path, out: Path | None = None, data: str | None = None, sp
         report.notes.append(f"no saved predictions in {eval_dir}: run `semiseg evaluate {run} --split {split} "
                             "--save-predictions` for the overlays")
     else:
-        layout = open_dataset(data or cfg.get("data", "synthetic"), cfg.get("layout", "auto"))
+        layout = locate_dataset(cfg.get("data", "synthetic"), data, cfg.get("layout", "auto"))
         class_names = tuple(layout.class_names)
         for index, row in enumerate(summary["cases"]):
             case_id = check_case_id(row.get("case"), f"{eval_dir / 'summary.json'}: cases[{index}]")
             case = layout.read_eval(case_id)
-            pred = read_prediction(eval_dir / "predictions", case_id)
-            title = f"{case_id}: Dice {_cell(row.get('dice'), 100.0)} %"
+            pred = layout.read_prediction(eval_dir / "predictions", case_id)
+            title = f"{case_id}: Dice {_cell(row.get('dice'), 4)}"
             report.images.append(plot_overlay(case.image[0], case.label, pred, class_names, title,
                                               out / "cases" / f"{case_id}.png"))
             overlays[case_id] = f"cases/{case_id}.png"
@@ -279,6 +280,7 @@ def write_report(run: Path, out: Path | None = None, data: str | None = None, sp
         facts["sliding window"] = f"patch {inference.get('patch_size')}, stride {inference.get('stride')}"
         facts["largest component"] = inference.get("post_lcc")
         facts["empty policy"] = protocol.get("metrics", {}).get("empty_policy")
+        facts["distances"] = protocol.get("metrics", {}).get("units")
         facts["code version"] = protocol.get("code_version")
     title = f"semiseg report: {run.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)

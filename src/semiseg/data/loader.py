@@ -8,6 +8,7 @@ worker count and lets an interrupted run resume on exactly the batch it would ha
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,9 +111,15 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+def _ignore_sigint(_worker: int) -> None:
+    """Ctrl-C reaches the whole process group: the workers leave it to the trainer, which checkpoints and stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batch_loader(batches: TwoStreamBatches, num_workers: int, pin_memory: bool) -> DataLoader:
     """Prefetch batches in worker processes, in order (shuffling is already in the stream)."""
     # A private generator: creating the loader must not consume the global RNG (exact resume).
     return DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
                       collate_fn=_identity, pin_memory=pin_memory, generator=torch.Generator(),
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
+                      worker_init_fn=_ignore_sigint if num_workers else None)

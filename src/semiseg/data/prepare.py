@@ -532,8 +532,11 @@ def _check_label(path: Path, vol: Volume, image: Volume, labels: dict[str, int],
     values = set(found.astype(int).tolist())
     undeclared = sorted(values - set(labels.values()))
     if undeclared:
+        example = ", ".join(f'"class{v}": {v}' for v in undeclared)
         problems.append(Problem(path, f"label values {undeclared} are not declared in dataset.json labels "
-                                f"{sorted(labels.values())}"))
+                                f"{sorted(labels.values())}; declare them in dataset.json \"labels\" (e.g. "
+                                f"{example}; labels must stay consecutive from 0), or remap the label files to the "
+                                "declared values (e.g. 255 -> 1 for a binary mask)"))
         return False
     return True
 

@@ -14,22 +14,26 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from .. import __version__
 from ..config import TrainConfig, load_yaml
-from ..data import Layout, open_dataset
-from ..data.h5 import read_array
-from ..data.prepare import parse_sizes, read_volume
-from ..errors import ConfigError, DataError, one_line
+from ..data import Layout, dataset_fingerprint, locate_dataset, open_dataset
+from ..data.prepare import parse_sizes
+from ..errors import ConfigError, DataError
 from ..methods.base import Method, NetSpec
 from .checkpoint import check_writable, load_checkpoint, restore_method
 from .inference import predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
+from .progress import CaseProgress
 from .runlock import FolderLock
-from .trainer import BEST, CHECKPOINT, build_method, inference_protocol, resolve_device
+from .trainer import BEST, CHECKPOINT, build_method, extension_line, inference_protocol, resolve_device
+
+# `spacing` of the evaluation functions: mm per voxel given by the user, None = the dataset's own spacing where
+# its files record it (voxels otherwise), or VOXELS = distances in voxels whatever the dataset knows.
+Spacing = tuple[float, ...] | str | None
+VOXELS = "voxels"
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 # How each checkpoint rule chose the weights, stated in the protocol card (protocol.md section 6).
@@ -81,6 +85,13 @@ def parse_spacing(text: str | None) -> tuple[float, ...] | None:
         raise ConfigError(f"--spacing {text!r}: give one positive size in mm per image axis, e.g. 0.625,0.625,0.625 "
                           "(LA), or leave it out for distances in voxels as the papers report")
     return values
+
+
+def _case_spacing(layout: Layout, case_id: str, spacing: Spacing) -> tuple[float, ...] | None:
+    """The voxel size a case's distances are measured with (None: voxels)."""
+    if spacing == VOXELS:
+        return None
+    return spacing if spacing is not None else layout.voxel_spacing(case_id)  # type: ignore[return-value]
 
 
 def _class_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, empty_policy: str,
@@ -142,15 +153,28 @@ def _checked_policy(empty_policy: str) -> str:
     return empty_policy
 
 
-def _metric_card(empty_policy: str, spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
-    units = ("voxels (spacing 1 on every axis, as the papers report)" if spacing is None else
-             f"mm (voxel spacing {'x'.join(f'{v:g}' for v in spacing)} given with --spacing)")
+def _units(layout: Layout, ids: list[str], spacing: Spacing) -> str:
+    """The distance unit of the card, stated with where the spacing came from."""
+    if isinstance(spacing, tuple):
+        return f"mm (voxel spacing {'x'.join(f'{v:g}' for v in spacing)} given with --spacing)"
+    known = spacing is None and ids and layout.voxel_spacing(ids[0]) is not None
+    if known:
+        return "mm (each case's voxel spacing, from the dataset's geometry; --voxels for voxels)"
+    why = "asked with --voxels" if spacing == VOXELS else f"the {layout.name} files record no spacing"
+    return f"voxels (spacing 1 on every axis, as the papers' protocol reports them; {why})"
+
+
+def _metric_card(empty_policy: str, units: str) -> dict[str, Any]:
     return {"definitions": {m: METRIC_DEFINITIONS[m] for m in METRICS}, "units": units,
             "empty_policy": empty_policy,
             "empty_policy_meaning": {"legacy_zero": "empty prediction scores 0 on all four metrics and is "
                                      "averaged in (the papers' convention; rewards misses on HD95/ASD)",
                                      "nan": "distances NaN for empty masks, excluded from the mean",
                                      "penalty": "distances set to the image diagonal for empty masks"}[empty_policy]}
+
+
+def _case_line(row: dict[str, Any]) -> str:
+    return "  ".join(f"{m} {row[m]:.4f}" for m in METRICS)
 
 
 def _locked_output(out: Path, command: str) -> FolderLock:
@@ -161,35 +185,35 @@ def _locked_output(out: Path, command: str) -> FolderLock:
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
-                        device: str = "auto", save_predictions: bool = False,
-                        spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
-    """Score a model on a split into `out` (cases.csv, summary.json, optionally predictions/)."""
+                        device: str = "auto", save_predictions: bool = False, spacing: Spacing = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """Score a run's checkpoint on a split into `out` (cases.csv, summary.json, optionally predictions/);
+    `progress` prints each case with its metrics as it finishes."""
     with _locked_output(out, "semiseg evaluate"):
-        return _evaluate_checkpoint(checkpoint, out, data, split, which, post_lcc, empty_policy, device,
-                                    save_predictions, spacing)
-
-
-def _evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None, split: str, which: str,
-                         post_lcc: bool | None, empty_policy: str | None, device: str, save_predictions: bool,
-                         spacing: tuple[float, ...] | None) -> dict[str, Any]:
-    ckpt_path, rule = resolve_checkpoint(checkpoint, which)
-    payload = load_checkpoint(ckpt_path)
-    dev = resolve_device(device)
-    cfg, _, method = restore_method(ckpt_path, payload, dev)
-    best = payload.get("best") or {}
-    checkpoint_card = {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
-                       "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
-                       "run_selection_rule": cfg.checkpoint_selection,
-                       "best_val": best if best.get("iteration") else None,
-                       "complete": payload["iteration"] >= cfg.iterations}
-    return _evaluate_method(method, cfg, checkpoint_card, out, data, split, post_lcc, empty_policy, dev,
-                            save_predictions, spacing)
+        ckpt_path, rule = resolve_checkpoint(checkpoint, which)
+        payload = load_checkpoint(ckpt_path)
+        dev = resolve_device(device)
+        cfg, _, method = restore_method(ckpt_path, payload, dev)
+        best = payload.get("best") or {}
+        plan = payload.get("plan") or {}
+        checkpoint_card = {"path": str(Path(ckpt_path).resolve()), "iteration": payload["iteration"],
+                           "of": cfg.iterations, "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
+                           "run_selection_rule": cfg.checkpoint_selection,
+                           "best_val": best if best.get("iteration") else None,
+                           "complete": payload["iteration"] >= cfg.iterations}
+        training = {"iterations": cfg.iterations,
+                    "extensions": [{**ext, "note": extension_line(ext)} for ext in payload.get("history") or []]}
+        layout = locate_dataset(cfg.data, data, cfg.layout)
+        trained_on = (payload.get("dataset") or {}).get("fingerprint")
+        return _evaluate_method(method, cfg, layout, checkpoint_card, out, split, post_lcc, empty_policy, dev,
+                                save_predictions, spacing, progress, trained_on=trained_on, training=training,
+                                window_source=plan.get("source", "not recorded (a run of an earlier semiseg)"))
 
 
 def evaluate_official_checkpoint(file: Path, cfg: TrainConfig, out: Path, split: str = "test",
                                  post_lcc: bool | None = None, empty_policy: str | None = None,
-                                 device: str = "auto", save_predictions: bool = False,
-                                 spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
+                                 device: str = "auto", save_predictions: bool = False, spacing: Spacing = None,
+                                 progress: bool = False) -> dict[str, Any]:
     """Score a checkpoint saved by the authors' training script (`semiseg.official` maps its keys) under
     semiseg's protocol; `cfg` gives the method, the dataset and the inference settings."""
     from ..official import load_official_checkpoint, official_layout
@@ -203,106 +227,100 @@ def evaluate_official_checkpoint(file: Path, cfg: TrainConfig, out: Path, split:
         dev = resolve_device(device)
         method = build_method(cfg, spec, torch.device("cpu"))
         load_official_checkpoint(file, method)
-        checkpoint_card = {"path": str(file), "iteration": None, "of": None, "rule": "official",
+        checkpoint_card = {"path": str(Path(file).resolve()), "iteration": None, "of": None, "rule": "official",
                            "how_chosen": f"an official checkpoint of {official.repo} ({official.network}), keys "
                                          "mapped by semiseg.official; its selection rule is the official script's",
                            "run_selection_rule": None, "best_val": None, "complete": None}
-        return _evaluate_method(method.to(dev), cfg, checkpoint_card, out, None, split, post_lcc, empty_policy,
-                                dev, save_predictions, spacing)
+        return _evaluate_method(method.to(dev), cfg, layout, checkpoint_card, out, split, post_lcc, empty_policy,
+                                dev, save_predictions, spacing, progress, window_source="given with the command")
 
 
-def _evaluate_method(method: Method, cfg: TrainConfig, checkpoint_card: dict[str, Any], out: Path,
-                     data: str | None, split: str, post_lcc: bool | None, empty_policy: str | None,
-                     dev: torch.device, save_predictions: bool,
-                     spacing: tuple[float, ...] | None) -> dict[str, Any]:
+def _evaluate_method(method: Method, cfg: TrainConfig, layout: Layout, checkpoint_card: dict[str, Any], out: Path,
+                     split: str, post_lcc: bool | None, empty_policy: str | None, dev: torch.device,
+                     save_predictions: bool, spacing: Spacing, progress: bool, trained_on: str | None = None,
+                     training: dict[str, Any] | None = None, window_source: str | None = None) -> dict[str, Any]:
+    """The evaluation loop shared by semiseg runs and official checkpoints: predict, score, write the card."""
     spec = method.spec
     if post_lcc is not None:
         cfg.post_lcc = post_lcc
     policy = _checked_policy(empty_policy or cfg.empty_policy)
-    layout = open_dataset(data or cfg.data, cfg.layout)
+    fingerprint = dataset_fingerprint(layout)
     ids = _split_ids(layout, cfg, split)
     method.eval()
     net = method.inference_network()
     protocol = inference_protocol(cfg, layout)
     rows = []
-    for case_id in ids:
-        case = layout.read_eval(case_id)
-        if case.image.shape[0] != spec.in_channels:
-            raise DataError(f"{case.path}: image has {case.image.shape[0]} channels, the model expects "
-                            f"{spec.in_channels}; evaluate on the dataset the model was trained for")
-        pred = predict_volume(net, case.image, protocol, dev)
-        if save_predictions:
-            _save_prediction(out / "predictions" / f"{case_id}.h5", pred)
-        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy, spacing,
-                                                       case_id)})
+    shown = CaseProgress("evaluate", len(ids), progress)
+    try:
+        for case_id in ids:
+            case = layout.read_eval(case_id)
+            if case.image.shape[0] != spec.in_channels:
+                raise DataError(f"{case.path}: image has {case.image.shape[0]} channels, the model expects "
+                                f"{spec.in_channels}; evaluate on the dataset the model was trained for")
+            pred = predict_volume(net, case.image, protocol, dev)
+            if save_predictions:
+                layout.write_prediction(out / "predictions", case_id, pred)
+            rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy,
+                                                           _case_spacing(layout, case_id, spacing), case_id)})
+            shown.step(case_id, _case_line(rows[-1]))
+    finally:
+        shown.close()
     train_split = layout.split(cfg.labeled, cfg.val)
     card = {
-        "dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
-                    "class_names": list(layout.class_names),
+        "dataset": {"layout": layout.name, "root": str(Path(layout.root).resolve()), "split": split,
+                    "case_ids": ids, "class_names": list(layout.class_names), "fingerprint": fingerprint,
+                    "training_data": cfg.data,
+                    "same_as_training": None if trained_on is None else fingerprint == trained_on,
                     "labeled_ids": train_split.labeled, "n_unlabeled": len(train_split.unlabeled),
                     "val_ids": train_split.val, "val_source": train_split.val_source},
-        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {method.evaluated_output()}"},
-        "metrics": _metric_card(policy, spacing),
+        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {method.evaluated_output()}",
+                      "window_source": window_source},
+        "metrics": _metric_card(policy, _units(layout, ids, spacing)),
+        "training": training or {"iterations": None, "extensions": []},
         "checkpoint": checkpoint_card,
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "code_version": code_version(),
     }
     return write_report(out, rows, card)
 
 
-def _save_prediction(path: Path, pred: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("label", data=pred.astype(np.uint8), compression="gzip")
-
-
-def read_prediction(folder: Path, case_id: str) -> np.ndarray:
-    """`<id>.h5` (dataset `label` or `pred`) or `<id>.nii.gz` / `<id>.nii` from a prediction folder."""
-    for suffix in (".h5", ".nii.gz", ".nii"):
-        path = folder / f"{case_id}{suffix}"
-        if not path.is_file():
-            continue
-        if suffix == ".h5":
-            try:
-                with h5py.File(path, "r") as f:
-                    key = next((k for k in ("label", "pred", "prediction") if k in f), None)
-                    if key is None:
-                        raise DataError(f"{path}: no 'label' or 'pred' dataset (found {list(f.keys())})")
-                    return read_array(path, f, key)
-            except DataError:
-                raise
-            except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError...
-                raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)})") from None
-        return read_volume(path).data
-    raise DataError(f"{folder}: no prediction for case {case_id!r} (looked for {case_id}.h5, .nii.gz, .nii)")
-
-
 def evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str = "test",
-                         empty_policy: str = "legacy_zero", spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
-    """Score existing label maps against the dataset's labels (like nnU-Net's evaluate_folder)."""
+                         empty_policy: str = "legacy_zero", spacing: Spacing = None,
+                         progress: bool = False) -> dict[str, Any]:
+    """Score existing label maps against the dataset's labels (like nnU-Net's evaluate_folder).
+
+    Label maps in a prepared dataset's own format and scanner geometry (what `evaluate --save-predictions` and
+    `predict` write) go through the dataset's preprocessing onto the grid its labels are scored on."""
     _checked_policy(empty_policy)
     if not Path(pred_dir).is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found; pass --pred with a folder of label maps named "
                         "by case id (<id>.h5, <id>.nii.gz or <id>.nii)")
     with _locked_output(out, "semiseg evaluate --pred"):
-        return _evaluate_predictions(pred_dir, data, out, split, empty_policy, spacing)
+        return _evaluate_predictions(pred_dir, data, out, split, empty_policy, spacing, progress)
 
 
-def _evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str, empty_policy: str,
-                          spacing: tuple[float, ...] | None) -> dict[str, Any]:
+def _evaluate_predictions(pred_dir: Path, data: str, out: Path, split: str, empty_policy: str, spacing: Spacing,
+                          progress: bool) -> dict[str, Any]:
     layout = open_dataset(data)
     ids = _split_ids(layout, None, split)
     rows = []
-    for case_id in ids:
-        case = layout.read_eval(case_id)
-        pred = read_prediction(Path(pred_dir), case_id)
-        if pred.shape != case.label.shape:
-            raise DataError(f"{pred_dir}/{case_id}: prediction shape {pred.shape} differs from the label's "
-                            f"{case.label.shape}")
-        rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, empty_policy, spacing,
-                                                       case_id)})
-    card = {"dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
-                        "class_names": list(layout.class_names)},
-            "predictions": str(pred_dir), "metrics": _metric_card(empty_policy, spacing),
+    shown = CaseProgress("evaluate", len(ids), progress)
+    try:
+        for case_id in ids:
+            case = layout.read_eval(case_id)
+            pred = layout.read_prediction(Path(pred_dir), case_id)
+            if pred.shape != case.label.shape:
+                raise DataError(f"{pred_dir}/{case_id}: prediction shape {pred.shape} differs from the label's "
+                                f"{case.label.shape}")
+            rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, empty_policy,
+                                                           _case_spacing(layout, case_id, spacing), case_id)})
+            shown.step(case_id, _case_line(rows[-1]))
+    finally:
+        shown.close()
+    card = {"dataset": {"layout": layout.name, "root": str(Path(layout.root).resolve()), "split": split,
+                        "case_ids": ids, "class_names": list(layout.class_names),
+                        "fingerprint": dataset_fingerprint(layout)},
+            "predictions": str(Path(pred_dir).resolve()),
+            "metrics": _metric_card(empty_policy, _units(layout, ids, spacing)),
             "code_version": code_version()}
     return write_report(out, rows, card)
 
@@ -332,6 +350,12 @@ def format_card(summary: dict[str, Any]) -> Iterable[str]:
         sizes = "x".join(map(str, inf["patch_size"]))
         window = f"{inf['mode']} {sizes}, stride {'x'.join(map(str, inf['stride']))}"
         yield f"infer    {window}, mean softmax, argmax, largest component {'on' if inf['post_lcc'] else 'off'}"
+        if inf.get("window_source"):
+            yield f"window   {inf['window_source']}"
+        for ext in card.get("training", {}).get("extensions", []):
+            yield f"run      {ext['note']}"
+        if data.get("same_as_training") is False:
+            yield f"note     not the dataset the run was trained on ({data['training_data']}): fingerprints differ"
     else:
         yield f"preds    {card['predictions']}"
     yield f"metrics  medpy-compatible (pooled HD95, directed ASD), {metrics['units']}, empty policy " \

@@ -22,6 +22,7 @@ from ..errors import DataError, one_line
 from .checkpoint import check_writable, load_checkpoint, restore_method
 from .evaluate import resolve_checkpoint
 from .inference import predict_volume
+from .progress import CaseProgress
 from .trainer import inference_protocol, resolve_device
 
 H5 = ".h5"
@@ -130,7 +131,7 @@ def _prepare_scan(files: list[Path], recipe: Recipe | None, normalize: str,
 
 
 def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str = "auto",
-                  normalize: str = "auto", data: str | None = None) -> list[Path]:
+                  normalize: str = "auto", data: str | None = None, progress: bool = False) -> list[Path]:
     """Predict every input case and write its label map into `out`; returns the written files.
 
     `normalize`: auto = the training dataset's recipe for prepared datasets, otherwise z-score NIfTI /
@@ -152,16 +153,22 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
     net = method.inference_network()
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for case_id, files in cases.items():
-        image, reference = _prepare_scan(files, recipe, normalize, slicewise)
-        case = validate_case(Case(case_id, image, None, files[0]), spec.num_classes, 3)
-        if case.image.shape[0] != spec.in_channels:
-            raise DataError(f"{files[0]}: image has {case.image.shape[0]} channels, the model expects "
-                            f"{spec.in_channels}")
-        pred = predict_volume(net, case.image, protocol, dev)
-        if reference is not None and slicewise:
-            pred = pred.transpose(2, 1, 0)
-        written.append(_write(out, case_id, pred, reference, recipe, files[0]))
+    shown = CaseProgress("predict", len(cases), progress)
+    try:
+        for case_id, files in cases.items():
+            image, reference = _prepare_scan(files, recipe, normalize, slicewise)
+            case = validate_case(Case(case_id, image, None, files[0]), spec.num_classes, 3)
+            if case.image.shape[0] != spec.in_channels:
+                raise DataError(f"{files[0]}: image has {case.image.shape[0]} channels, the model expects "
+                                f"{spec.in_channels}")
+            pred = predict_volume(net, case.image, protocol, dev)
+            if reference is not None and slicewise:
+                pred = pred.transpose(2, 1, 0)
+            written.append(_write(out, case_id, pred, reference, recipe, files[0]))
+            counts = np.bincount(pred.ravel(), minlength=spec.num_classes)[1:]
+            shown.step(case_id, f"{written[-1].name}, foreground voxels per class {counts.tolist()}")
+    finally:
+        shown.close()
     return written
 
 

@@ -11,6 +11,10 @@ import contextlib
 import json
 import random
 import resource
+import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +25,8 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import TrainConfig, saved_config
-from ..data import Layout, Split, load_cases, open_dataset
+from ..config import TrainConfig, resolved, resume_config, saved_config, schedules_on_total
+from ..data import Layout, Split, absolute_data, dataset_fingerprint, load_cases, locate_dataset, open_dataset
 from ..data.loader import TwoStreamBatches, batch_loader
 from ..errors import CheckpointError, ConfigError, SemisegError
 from ..methods.base import Method, NetSpec, StepContext
@@ -47,6 +51,18 @@ BEST = "best.pt"
 
 class DivergenceError(SemisegError):
     """The loss became NaN or Inf."""
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 - what happened, not an error of the user's
+    """SIGINT / SIGTERM: a checkpoint was written at `iteration`; the CLI says how to continue and exits 130."""
+
+    def __init__(self, iteration: int, out: Path, signal_name: str) -> None:
+        super().__init__(f"interrupted at iteration {iteration}; continue with `semiseg train --out {out} --resume`")
+        self.iteration, self.out, self.signal_name = iteration, out, signal_name
+
+
+# Files a run writes; a run that fails before its first checkpoint removes them (and a folder it created).
+RUN_OUTPUTS = ("config.yaml", "split.json", "metrics.jsonl", "train_summary.json", "tensorboard")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,13 +120,13 @@ def learning_rate(cfg: TrainConfig, iteration: int) -> float:
     return cfg.lr
 
 
-def setup(cfg: TrainConfig, local_rank: int | None = None) -> Setup:
+def setup(cfg: TrainConfig, local_rank: int | None = None, layout: Layout | None = None) -> Setup:
     """`local_rank` picks this process's GPU under torchrun."""
     device = resolve_device(cfg.device)
     if local_rank is not None and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    layout = open_dataset(cfg.data, cfg.layout)
+    layout = layout or open_dataset(cfg.data, cfg.layout)
     split = layout.split(cfg.labeled, cfg.val)
     probe = layout.read(split.labeled[0])
     spec = NetSpec(probe.image.shape[0], layout.num_classes, layout.spatial_dims, cfg.n_filters, cfg.norm, cfg.dropout)
@@ -177,6 +193,29 @@ def truncate_log(path: Path, iteration: int) -> None:
         tmp.replace(path)
 
 
+def plan_window(cfg: TrainConfig, layout: Layout) -> tuple[TrainConfig, dict[str, Any]]:
+    """Defaults follow the data: a configuration that sets no patch (no recipe, preset, file or `--set` names it)
+    gets the dataset's window (`Layout.default_window`: its protocol's, or one derived from the image sizes)."""
+    if "patch_size" in cfg.model_fields_set:
+        return cfg, {"patch_size": list(cfg.patch_size), "stride": list(cfg.stride),
+                     "source": "set in the configuration (recipe, preset, config file or --set)"}
+    patch, stride, why = layout.default_window()
+    keep_stride = "stride" in cfg.model_fields_set and len(cfg.stride) == len(patch)
+    update = {"patch_size": patch, "stride": cfg.stride if keep_stride else stride}
+    cfg = TrainConfig(**{**cfg.model_dump(), **update})
+    source = f"{why}{'; stride set in the configuration' if keep_stride else ''}"
+    return cfg, {"patch_size": list(cfg.patch_size), "stride": list(cfg.stride), "source": source}
+
+
+def extension_line(ext: dict[str, Any]) -> str:
+    """How an extended run's schedules behave, for the console and the protocol card."""
+    recomputed = ", ".join(ext["recomputed"])
+    what = (f"recomputed with the new total from iteration {ext['extended_at'] + 1}: {recomputed}" if recomputed
+            else "no schedule depends on the total")
+    return (f"extended from {ext['from']} to {ext['to']} iterations at iteration {ext['extended_at']}; {what}; "
+            "ramp-ups in epochs, step decays and stage switches are fixed in iterations and unchanged")
+
+
 def compile_networks(method: Method, mode: str) -> None:
     """torch.compile each of the method's networks in place (`nn.Module.compile`: state_dict keys unchanged, so
     checkpoints stay interchangeable with uncompiled runs)."""
@@ -192,43 +231,51 @@ class Trainer:
     Under torchrun every process builds its own Trainer; rank 0 alone writes files and validates.
     """
 
-    def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig | None, out: Path, resume: bool = False, progress: bool = True,
+                 resume_changes: dict[str, Any] | None = None) -> None:
+        """With `resume`, the run continues with its saved config (`cfg` is not used and may be None);
+        `resume_changes` are the keys the user typed
+        (checked by `config.resume_config`: a larger `iterations` extends the run, `data` may be its new place)."""
         self.out = Path(out)
         self.progress = progress
         ckpt = self.out / CHECKPOINT
         self.state: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []  # extensions of the run (`--resume --iterations N`)
         if resume:
+            if not ckpt.is_file():
+                raise CheckpointError(f"{self.out}: nothing to resume (no {CHECKPOINT} in this folder); start the "
+                                      "run without --resume, or give the --out of an interrupted run")
             self.state = load_checkpoint(ckpt)
             try:
-                cfg = saved_config(self.state.get("config"), ckpt)
+                saved = resolved(saved_config(self.state.get("config"), ckpt))
             except ConfigError as exc:
                 raise CheckpointError(str(exc)) from None
+            changes = dict(resume_changes or {})
+            if "data" in changes:
+                changes["data"] = absolute_data(str(changes["data"]))
+            cfg = resume_config(saved, changes, self.out) if changes else saved
+            self.history = list(self.state.get("history", []))
+            if cfg.iterations > saved.iterations:
+                self.history.append({"extended_at": int(self.state["iteration"]), "from": saved.iterations,
+                                     "to": cfg.iterations, "recomputed": schedules_on_total(cfg)})
         elif ckpt.exists():
             raise CheckpointError(f"{ckpt}: this run folder already holds a checkpoint; pass --resume to "
                                   "continue it, or choose a new --out")
-        self.cfg = cfg
+        else:
+            if cfg is None:
+                raise ValueError("a new run needs its configuration")
+            cfg = resolved(cfg.model_copy(update={"data": absolute_data(cfg.data)}))
         self.dist = init_from_env(resolve_device(cfg.device).type)
+        self._created = not self.out.exists()
         self.lock = FolderLock(self.out, "semiseg train")  # one writer per run folder (rank 0 writes)
         if self.dist.is_main:
-            check_writable(self.out)
+            check_writable(self.out)  # before any data is read: an unwritable --out fails at once
             self.lock.acquire()
-        try:
-            self._prepare_run()
+        try:  # a failure from here on leaves no empty run folder behind
+            cfg = self._build(cfg, resume)
         except BaseException:
-            self.lock.release()
+            self._discard()
             raise
-
-    def _prepare_run(self) -> None:
-        """Data, method and optimiser; the state of a resumed run; the run's config and split written."""
-        cfg = self.cfg
-        if self.dist.is_main:
-            for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
-                torn.unlink()
-        seed_everything(cfg.seed)  # identical initial weights on every process
-        self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None)
-        if self.dist.is_main:
-            check_free_space(self.out, checkpoint_bytes(self.s.method, self.s.optimizer),
-                             (CHECKPOINT, BEST) if self._selects_best else (CHECKPOINT,))
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # independent dropout and sampling per process
         self.start = 0
@@ -236,14 +283,22 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._val_s = 0.0  # time spent validating in this call, left out of the training wall time
         self.best: dict[str, Any] = {"dice": -1.0, "iteration": 0}
-        if self.state is not None:
-            self._restore(self.state)
-        if self.dist.is_main:
-            try:
-                (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-                (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
-            except OSError as exc:
-                raise self._write_failure(exc, self.start) from None
+        self._stop: str | None = None  # the name of the signal that asked the run to stop
+        try:
+            if self.state is not None:
+                self._restore(self.state)
+            if self.dist.is_main:
+                self._write_run_files(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _write_run_files(self, cfg: TrainConfig) -> None:
+        try:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            (self.out / "split.json").write_text(json.dumps(vars(self.s.split), indent=1))
+        except OSError as exc:
+            raise self._write_failure(exc, self.start) from None
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Weights, optimiser, position and RNG of a checkpoint; a damaged one is a `CheckpointError`."""
@@ -273,10 +328,53 @@ class Trainer:
         return CheckpointError(f"{self.out}: the run stopped because its folder could not be written ({reason}); "
                                f"{survivor}")
 
+    def _build(self, cfg: TrainConfig, resume: bool) -> TrainConfig:
+        """Data, window, method and optimiser of the run; checks that the disk holds its checkpoints."""
+        layout = locate_dataset(cfg.data, None, cfg.layout) if resume else open_dataset(cfg.data, cfg.layout)
+        self.fingerprint = dataset_fingerprint(layout)
+        if self.state is not None:
+            self._check_same_dataset(cfg.data)
+            self.plan = dict(self.state.get("plan") or {"source": "saved with the run"})
+        else:
+            cfg, self.plan = plan_window(cfg, layout)
+        self.cfg = cfg
+        seed_everything(cfg.seed)  # identical initial weights on every process
+        self.s = setup(cfg, self.dist.local_rank if self.dist.enabled else None, layout)
+        if self.dist.is_main:
+            check_free_space(self.out, checkpoint_bytes(self.s.method, self.s.optimizer),
+                             (CHECKPOINT, BEST) if self._selects_best else (CHECKPOINT,))
+            for torn in self.out.glob(".*.pt.tmp*"):  # left by a run killed while writing a checkpoint
+                torn.unlink()
+        return cfg
+
+    def _check_same_dataset(self, data: str) -> None:
+        """A resumed run trains on the very dataset it started with, wherever it lies now."""
+        assert self.state is not None
+        before = (self.state.get("dataset") or {}).get("fingerprint")
+        if before is not None and before != self.fingerprint:
+            raise ConfigError(f"{data}: not the dataset this run was trained on (fingerprint {self.fingerprint}, "
+                              f"the run's {before}); pass --data with the run's dataset, or train into a new --out")
+
+    def _discard(self) -> None:
+        """After a failure before the first checkpoint: remove this run's own files, and the folder if this call
+        created it and nothing else is in it. A run that has a checkpoint keeps everything (it can be resumed)."""
+        self.lock.release()  # its file would keep the folder from being empty
+        if not self.dist.is_main or (self.out / CHECKPOINT).exists() or not self.out.is_dir():
+            return
+        for name in RUN_OUTPUTS:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        if self._created and not any(self.out.iterdir()):
+            self.out.rmdir()
+
     def _payload(self, iteration: int) -> dict[str, Any]:
         rng = self.dist.gather(_rng_state())  # a collective: every process calls it
         return {"config": self.cfg.model_dump(mode="json"), "iteration": iteration,
-                "spec": asdict(self.s.method.spec),
+                "spec": asdict(self.s.method.spec), "plan": self.plan, "history": self.history,
+                "dataset": {"root": self.cfg.data, "layout": self.s.layout.name, "fingerprint": self.fingerprint},
                 "method": self.s.method.state_dict(), "optimizer": self.s.optimizer.state_dict(),
                 "rng": rng if self.dist.enabled else rng[0], "best": self.best, "world_size": self.dist.world,
                 "wall_s": self.train_wall_s(),
@@ -346,16 +444,62 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
 
     def run(self) -> Path:
-        """Train to `cfg.iterations`; the run folder's lock is released at the end, whatever happens."""
+        """Train to `cfg.iterations`; SIGINT / SIGTERM stop it at the current iteration with a checkpoint
+        (`TrainingInterrupted`), a run that fails before its first checkpoint leaves no run folder behind, and the
+        run folder's lock is released at the end, whatever happens."""
         try:
-            return self._run()
+            if self.start >= self.cfg.iterations:
+                return self.out / CHECKPOINT
+            handlers = self._catch_signals()
+            try:
+                return self._train()
+            except TrainingInterrupted:
+                raise
+            except BaseException:
+                self._discard()
+                raise
+            finally:
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
         finally:
             self.lock.release()
 
-    def _run(self) -> Path:
+    def _catch_signals(self) -> dict[int, Any]:
+        """Ctrl-C and `kill` only set a flag, read between iterations; a second signal acts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def stop(signum: int, _frame: object) -> None:
+            self._stop = signal.Signals(signum).name
+            for number, handler in previous.items():  # a second Ctrl-C interrupts the checkpoint write itself
+                signal.signal(number, handler)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, stop)
+        return previous
+
+    def _stopping(self) -> bool:
+        """Whether a signal asked to stop; under torchrun every process agrees (one small collective)."""
+        if not self.dist.enabled:
+            return self._stop is not None
+        return not self.dist.all_true(torch.tensor(self._stop is None, device=self.s.device))
+
+    def start_lines(self) -> list[str]:
+        """What this call trains, printed before the first iteration: data, split, window, schedule changes."""
+        cfg, split = self.cfg, self.s.split
+        val = f", {len(split.val)} validation" if split.val else ""
+        lines = [f"train {cfg.method} on {cfg.data} ({self.s.layout.name}: {len(split.labeled)} labelled, "
+                 f"{len(split.unlabeled)} unlabelled{val} cases) on {self.s.device}, iterations "
+                 f"{self.start + 1}..{cfg.iterations} into {self.out}",
+                 f"window   patch {'x'.join(map(str, cfg.patch_size))}, stride {'x'.join(map(str, cfg.stride))}: "
+                 f"{self.plan.get('source', '')}"]
+        if self.history and self.history[-1]["extended_at"] == self.start:
+            lines.append(extension_line(self.history[-1]))
+        return lines
+
+    def _train(self) -> Path:
         cfg, method, optimizer, device = self.cfg, self.s.method, self.s.optimizer, self.s.device
-        if self.start >= cfg.iterations:
-            return self.out / CHECKPOINT
         resets = set(method.optimizer_resets())
         compile_networks(method, cfg.compile)
         model = self._model()
@@ -371,14 +515,26 @@ class Trainer:
             log_path = self.out / "metrics.jsonl"
             truncate_log(log_path, self.start)
             log_file = open(log_path, "a")  # noqa: SIM115 - closed in finally
+        if main and self.progress:
+            for line in self.start_lines():
+                print(line, file=sys.stderr, flush=True)
         method.train()
         t0 = self._t0 = time.perf_counter()
         t_window, done_in_window = t0, 0
-        last_saved = self.start
+        last_saved = iteration = self.start
+        last: dict[str, Any] = {}
         first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite update, kept on device
         skipped = torch.zeros((), dtype=torch.int64, device=device)
+        batches = iter(loader)
         try:
-            for iteration, batch in enumerate(loader, start=self.start + 1):
+            while iteration < cfg.iterations:
+                try:
+                    batch = next(batches)
+                except Exception:
+                    if self._stop is None:
+                        raise
+                    break  # a Ctrl-C also reached the batch workers: stop at the last completed iteration
+                iteration += 1
                 ctx = StepContext(iteration, cfg.iterations, len(self.s.split.labeled))
                 if iteration - 1 in resets:
                     optimizer.state.clear()  # a fresh optimiser for the method's next stage (e.g. BCP)
@@ -419,6 +575,7 @@ class Trainer:
                               "s_per_it": (now - t_window) / done_in_window, "skipped_updates": int(skipped),
                               "wall_s": round(self.train_wall_s(), 3)}
                     t_window, done_in_window = now, 0
+                    last.update(iteration=iteration, loss=record["loss"])
                     if main:
                         for key, value in record.items():
                             if key != "iteration":
@@ -431,20 +588,33 @@ class Trainer:
                     if main:  # evaluation once, on rank 0
                         t_val = time.perf_counter()
                         score = self.validate()
-                        self._val_s += time.perf_counter() - t_val
-                        t_window += time.perf_counter() - t_val  # keeps validation out of s_per_it too
+                        seconds = time.perf_counter() - t_val
+                        self._val_s += seconds
+                        t_window += seconds  # keeps validation out of s_per_it too
                         writer.add_scalar("val/dice", score, iteration)
                         log_file.write(json.dumps({"iteration": iteration, "val_dice": score,
                                                    "wall_s": round(self.train_wall_s(), 3)}) + "\n")
                         improved = score > self.best["dice"]
                         if improved:
                             self.best = {"dice": score, "iteration": iteration}
+                        last["val_dice"] = {"dice": score, "iteration": iteration}
+                        progress.validated(iteration, score, self.best, seconds)
                     if self.dist.gather(improved)[0]:
                         self._save(BEST, iteration)
                     self.dist.barrier()
                 if saving:
                     self._save(CHECKPOINT, iteration)
                     last_saved = iteration
+                if self._stopping():
+                    break
+            if self._stop is not None:
+                if iteration != last_saved:
+                    if not self.dist.all_true(first_bad == 0):
+                        raise DivergenceError(f"interrupted at iteration {iteration} after the loss became NaN/Inf "
+                                              f"(iteration {int(first_bad.max())}); the last good checkpoint is "
+                                              f"{self.out / CHECKPOINT} (iteration {last_saved})")
+                    self._save(CHECKPOINT, iteration)
+                raise TrainingInterrupted(iteration, self.out, self._stop)
         except (OSError, CheckpointWriteError) as exc:  # a full disk, an I/O error: one line, what survives
             raise self._write_failure(exc, last_saved) from None
         finally:
@@ -461,7 +631,10 @@ class Trainer:
                        "selection_cases": len(self.selection_cases) if self._validating(cfg.iterations) else 0,
                        "s_per_it": elapsed / max(cfg.iterations - self.start, 1),
                        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "world_size": self.dist.world,
-                       "skipped_updates": int(skipped), "best_val": self.best}
+                       "skipped_updates": int(skipped), "best_val": self.best,
+                       "last": {"iteration": cfg.iterations, "loss": last.get("loss"),
+                                "val_dice": last.get("val_dice")},
+                       "window": self.plan, "extensions": self.history}
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         shutdown(self.dist)
         return self.out / CHECKPOINT

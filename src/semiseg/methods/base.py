@@ -21,7 +21,7 @@ from ..data.loader import Batch
 class MethodParams(BaseModel):
     """Base of every method's hyper-parameters; unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ class Method(nn.Module, ABC):
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         """Called after each optimiser step (EMA teachers update here)."""
+
+    @classmethod
+    def schedules_on_total(cls, params: MethodParams) -> list[str]:
+        """The method's schedules that span the whole run (`ctx.total_iterations`), named for the card: extending
+        a run with `--resume --iterations N` recomputes them with the new total."""
+        return []
 
     def optimizer_resets(self) -> tuple[int, ...]:
         """Iterations after which the optimiser starts afresh (momentum cleared), e.g. at a stage switch."""

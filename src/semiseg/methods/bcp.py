@@ -105,6 +105,7 @@ class BCPParams(MethodParams):
     u_weight: float = 0.5
     """Loss weight of voxels that came from unlabelled volumes (pseudo-labelled)."""
     ema_decay: float = 0.99
+    """EMA teacher decay (the teacher follows the student with this momentum)."""
     pseudo_threshold: float = 0.5
     """Foreground where the teacher's softmax >= this (official `get_cut_mask`)."""
     pseudo_label_lcc: bool = True

@@ -56,6 +56,7 @@ class CAMLParams(MethodParams):
     consistency_rampup: float | None = None
     """Sigmoid ramp length in epochs; None follows the labelled count (40 / 20 / 15 for 4 / 8 / 16)."""
     epoch_iterations: int = 150
+    """Iterations per "epoch" of the ramp-up schedules (150 in the papers; rescaled for short runs)."""
     temperature: float = 0.1
     """Sharpening temperature T of the mutual targets."""
     occ_temperature: float = 0.1

@@ -155,6 +155,10 @@ class CrossMatch(Method):
     recipe = _LA_RECIPE
     presets = _presets()
 
+    @classmethod
+    def schedules_on_total(cls, params: MethodParams) -> list[str]:
+        return [] if getattr(params, "schedule_horizon", 0) else ["confidence-threshold ramp (schedule_horizon 0)"]
+
     def __init__(self, params: CrossMatchParams, spec: NetSpec) -> None:
         super().__init__(params, spec)
         self.net = FeaturePerturbedNet(default_network(spec), params.fp_rates, params.fp_type)

@@ -37,6 +37,7 @@ class MCNetParams(MethodParams):
     consistency_rampup: float = 40.0
     """Sigmoid ramp-up length in epochs of `epoch_iterations` (the official default for every label count)."""
     epoch_iterations: int = 150
+    """Iterations per "epoch" of the ramp-up schedules (150 in the papers; rescaled for short runs)."""
     temperature: float = 0.1
     """Sharpening temperature T of p^(1/T) / (p^(1/T) + (1 - p)^(1/T))."""
     lamda: float = 0.5

@@ -28,10 +28,13 @@ class MeanTeacherParams(MethodParams):
     consistency_rampup: float = 40.0
     """Sigmoid ramp-up length in epochs of `epoch_iterations` (40 x 150 = the whole 6k-iteration LA run)."""
     epoch_iterations: int = 150
+    """Iterations per "epoch" of the ramp-up schedules (150 in the papers; rescaled for short runs)."""
     ema_decay: float = 0.99
+    """EMA teacher decay: alpha = min(1 - 1/t, ema_decay) at update t."""
     noise_std: float = 0.1
     """Teacher input noise: clamp(N(0, noise_std^2), -noise_clip, noise_clip)."""
     noise_clip: float = 0.2
+    """Bound of the teacher input noise (see noise_std)."""
     ramp_from_zero: bool = True
     """SSL4MIS evaluates ramps at the 0-based iteration (`iter_num` before its increment)."""
 

@@ -43,6 +43,7 @@ class MLRPLParams(MethodParams):
     consistency_rampup: float = 40.0
     """Sigmoid ramp-up length in epochs of `epoch_iterations` iterations."""
     epoch_iterations: int = 150
+    """Iterations per "epoch" of the ramp-up schedules (150 in the papers; rescaled for short runs)."""
     pseudo_ce_input: Literal["probs", "logits"] = "probs"
     """Q1: probs = CE on softmax outputs (official code until Oct 2024, the published numbers); logits = HEAD."""
     pseudo_loss_on_labeled: bool = True

@@ -14,7 +14,7 @@ from pydantic import model_validator
 
 from ..engine.schedules import sigmoid_rampup
 from . import register
-from .base import NetSpec, StepContext
+from .base import MethodParams, NetSpec, StepContext
 from .mean_teacher import LA_TEACHER_RECIPE, MeanTeacher, MeanTeacherParams
 
 
@@ -43,6 +43,11 @@ class UAMT(MeanTeacher):
     Params = UAMTParams
     recipe = LA_TEACHER_RECIPE
     presets = {"la-8": {"labeled": 8}, "la-16": {"labeled": 16}}
+
+    @classmethod
+    def schedules_on_total(cls, params: MethodParams) -> list[str]:
+        unset = getattr(params, "threshold_rampup", None) is None
+        return ["uncertainty-threshold ramp (threshold_rampup unset)"] if unset else []
 
     def __init__(self, params: UAMTParams, spec: NetSpec) -> None:
         super().__init__(params, spec)

@@ -19,7 +19,7 @@ from ...errors import DataError
 from ..h5 import Case, read_case, write_case
 from ..transforms import Sample, Transform
 from . import register_layout
-from .base import Layout, Split, read_list
+from .base import Layout, Split, Window, read_list
 
 
 def patient_of(slice_id: str) -> str:
@@ -86,6 +86,10 @@ class ACDCLayout(Layout):
 
     def train_transform(self, patch_size: tuple[int, ...], rot_flip: bool) -> Transform:
         return ACDCAugmentation(patch_size, rot_flip)
+
+    def default_window(self) -> Window:
+        """2D: every slice is resized to 256x256 (SSL4MIS); the stride is unused by slice-wise inference."""
+        return (256, 256), (256, 256), "the ACDC protocol: 2D slices resized to 256x256"
 
     def labeled_slices(self, patients: int) -> int:
         """Number of leading slices of the training list that belong to its first `patients` patients."""

@@ -7,9 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ...errors import DataError
-from ..h5 import Case, read_case
+import h5py
+import numpy as np
+
+from ...errors import DataError, one_line
+from ..h5 import Case, read_array, read_case
 from ..transforms import Transform, legacy_augmentation
+
+# What a run's patch and sliding-window stride are when its configuration sets none: (patch, stride, why).
+Window = tuple[tuple[int, ...], tuple[int, ...], str]
 
 
 @dataclass
@@ -82,6 +88,27 @@ class Layout(ABC):
         """Training augmentation of this dataset's protocol (LA: RandomRotFlip + RandomCrop)."""
         return legacy_augmentation(patch_size, rot_flip)
 
+    def default_window(self) -> Window:
+        """Patch and stride of this dataset's protocol, used when the configuration sets neither."""
+        return (112, 112, 80), (18, 18, 4), "the LA protocol's window"
+
+    def voxel_spacing(self, case_id: str) -> tuple[float, ...] | None:
+        """mm per voxel of an evaluation case along its array axes; None when the files do not record it (the
+        benchmark h5 files), so distances are in voxels as the papers report them."""
+        return None
+
+    def write_prediction(self, folder: Path, case_id: str, pred: np.ndarray) -> Path:
+        """A label map in this dataset's own file format: `label` of an h5 file for the h5 layouts."""
+        path = Path(folder) / f"{case_id}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            f.create_dataset("label", data=pred.astype(np.uint8), compression="gzip")
+        return path
+
+    def read_prediction(self, folder: Path, case_id: str) -> np.ndarray:
+        """A label map written for `case_id` (by `write_prediction` or by another tool) on the evaluation grid."""
+        return read_prediction_file(Path(folder), case_id)
+
     def split(self, labeled: int, val: int = 0) -> Split:
         """Labelled = the first `labeled` training ids (the papers' rule), the rest unlabelled.
 
@@ -103,3 +130,26 @@ class Layout(ABC):
             raise DataError(f"{self.root}: --labeled {labeled} but only {len(train)} training cases "
                             f"(after removing {len(val_ids)} validation cases); lower --labeled or --val")
         return Split(train[:labeled], train[labeled:], val_ids, list(self.test_ids), source)
+
+
+def read_prediction_file(folder: Path, case_id: str) -> np.ndarray:
+    """`<id>.h5` (dataset `label` or `pred`) or `<id>.nii.gz` / `<id>.nii` from a prediction folder, as stored."""
+    for suffix in (".h5", ".nii.gz", ".nii"):
+        path = folder / f"{case_id}{suffix}"
+        if not path.is_file():
+            continue
+        if suffix == ".h5":
+            try:
+                with h5py.File(path, "r") as f:
+                    key = next((k for k in ("label", "pred", "prediction") if k in f), None)
+                    if key is None:
+                        raise DataError(f"{path}: no 'label' or 'pred' dataset (found {list(f.keys())})")
+                    return read_array(path, f, key)
+            except DataError:
+                raise
+            except Exception as exc:  # h5py reports damaged files as OSError, RuntimeError, KeyError...
+                raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)})") from None
+        from ..prepare import read_volume
+
+        return read_volume(path).data
+    raise DataError(f"{folder}: no prediction for case {case_id!r} (looked for {case_id}.h5, .nii.gz, .nii)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import register_layout
-from .base import Layout, read_list
+from .base import Layout, Window, read_list
 
 CASES_DIR = "data"
 
@@ -35,3 +35,6 @@ class BraTSLayout(Layout):
 
     def case_path(self, case_id: str) -> Path:
         return self.root / CASES_DIR / f"{case_id}.h5"
+
+    def default_window(self) -> Window:
+        return (96, 96, 96), (64, 64, 64), "the BraTS-2019 protocol's window"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import register_layout
-from .base import Layout, read_list
+from .base import Layout, Window, read_list
 
 CASES_DIR = "Pancreas_h5"
 
@@ -27,3 +27,6 @@ class PancreasLayout(Layout):
 
     def case_path(self, case_id: str) -> Path:
         return self.root / CASES_DIR / f"{case_id}_norm.h5"
+
+    def default_window(self) -> Window:
+        return (96, 96, 96), (16, 16, 16), "the Pancreas-CT protocol's window"
