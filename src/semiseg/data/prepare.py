@@ -527,7 +527,9 @@ def _check_label(path: Path, vol: Volume, image: Volume, labels: dict[str, int],
     outside = found[(found < 0) | (found > max(declared))]
     if outside.size:  # compared as numbers: a cast to int would turn 1e20 into nonsense
         shown = ", ".join(f"{v:g}" for v in outside[:5].tolist())
-        problems.append(Problem(path, f"label values [{shown}] are not declared in dataset.json labels {declared}"))
+        problems.append(Problem(path, f"label values [{shown}] are not declared in dataset.json labels {declared}; "
+                                "declare them in dataset.json \"labels\" (labels must stay consecutive from 0), or "
+                                "remap the label files to the declared values (e.g. 255 -> 1 for a binary mask)"))
         return False
     values = set(found.astype(int).tolist())
     undeclared = sorted(values - set(labels.values()))
