@@ -140,7 +140,7 @@ class ADMT(Method):
     name = "admt"
     description = "AD-MT: two EMA teachers updated in random alternate periods, entropy-blended conflict-aware labels"
     Params = ADMTParams
-    recipe = {"iterations": 15000, "lr_schedule": "poly"}
+    recipe = {"iterations": 15000, "lr_schedule": "poly", "post_lcc": True, "seed": 2023}
     presets = {"la-4": {"labeled": 4}, "la-8": {"labeled": 8}, "la-16": {"labeled": 16}}
 
     def __init__(self, params: ADMTParams, spec: NetSpec) -> None:
@@ -155,23 +155,28 @@ class ADMT(Method):
                                       else copy.deepcopy(self.net) for _ in range(2))
         for p in self.teachers.parameters():
             p.requires_grad_(False)
-        # The alternation (Python ints, saved through get_extra_state): teacher 1 active first.
+        # The alternation (saved through get_extra_state): teacher 1 active first. Its draws (stretch lengths,
+        # the CutMix coin) come from a CPU generator of its own, seeded from the global one while every process
+        # still shares the run's seed, so all processes of a multi-GPU run update the same teacher.
+        self.alternation_rng = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         self.first_active = True
         self.counter = 0
         self.stretch = self._draw_stretch()
 
     def _draw_stretch(self) -> int:
-        """Length of the next stretch; drawn on the CPU from torch's global generator (no device sync)."""
+        """Length of the next stretch, U{1..period} (a CPU draw: no device sync)."""
         p = self.params.period
-        return int(torch.randint(1, p + 1, ())) if self.params.random_period else p
+        return int(torch.randint(1, p + 1, (), generator=self.alternation_rng)) if self.params.random_period else p
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"first_active": self.first_active, "counter": self.counter, "stretch": self.stretch}
+        return {"first_active": self.first_active, "counter": self.counter, "stretch": self.stretch,
+                "rng": self.alternation_rng.get_state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.first_active = bool(state["first_active"])
         self.counter = int(state["counter"])
         self.stretch = int(state["stretch"])
+        self.alternation_rng.set_state(state["rng"])
 
     @torch.no_grad()
     def pseudo_labels(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,7 +226,7 @@ class ADMT(Method):
             box = perm = None
         else:
             strong, box, perm = weak, None, None
-            if bool(torch.rand(()) < p.cutmix_prob):  # a CPU draw: no device sync
+            if bool(torch.rand((), generator=self.alternation_rng) < p.cutmix_prob):  # CPU: no device sync
                 box = cutmix_box_masks(len(weak), tuple(weak.shape[2:]), weak.device)
                 perm = torch.randperm(len(weak), device=weak.device)
                 strong = torch.where(box.unsqueeze(1), weak[perm], weak)

@@ -1,4 +1,4 @@
-"""SS-Net, smoothness and class-separation (Wu et al., MICCAI 2022), as ycwu1997/SS-Net trains LA: docs/methods/ssnet.md.
+"""SS-Net, smoothness and class separation (Wu et al., MICCAI 2022) as ycwu1997/SS-Net trains LA: docs/methods/ssnet.md.
 
 One VNet plus small MLP heads on its last decoder feature (x9, 16 channels). Smoothness: a virtual adversarial
 perturbation of the whole batch (one power iteration, radius `vat_epsilon`) must not change the prediction
@@ -48,6 +48,10 @@ class SSNetParams(MethodParams):
     background_prototypes: bool = False
     """Official quirk: only correctly predicted *foreground* voxels enter the memory, so the background term of
     the loss never runs (it is still divided by the class count); True stores correct background voxels too."""
+    memory_attention: bool = False
+    """Official quirk: the memory-side weights are rescaled by a [1, N] tensor's `shape[0]` (1) over their own
+    values, so every memory weight is exactly v / v = 1 and the memory selector only moves its BatchNorm
+    statistics; True rescales them to mean 1 like the feature side."""
     ramp_from_zero: bool = False
     """The official ramp is evaluated after `iter_num` is incremented (1-based)."""
 
@@ -112,18 +116,22 @@ def frozen_bn_statistics(net: nn.Module) -> Iterator[None]:
 
 
 def weighted_prototype_distance(features: torch.Tensor, feature_mask: torch.Tensor, feature_weights: torch.Tensor,
-                                memory: torch.Tensor, memory_mask: torch.Tensor,
-                                memory_weights: torch.Tensor) -> torch.Tensor:
-    """mean over masked (i, j) of (1 - cos(f_i, m_j)) w_i v_j, with w and v rescaled to mean 1 over their rows.
+                                memory: torch.Tensor, memory_mask: torch.Tensor, memory_weights: torch.Tensor,
+                                memory_attention: bool = False) -> torch.Tensor:
+    """mean over masked (i, j) of (1 - cos(f_i, m_j)) w_i v_j, w rescaled to mean 1 over the masked features, v
+    likewise (`memory_attention`) or, as the official code does, divided by itself (v_j = 1).
 
-    Equal to the official M x N distance matrix, without building it: with sum(w) = M and sum(v) = N the mean
-    is 1 - (sum_i w_i f_i / |f_i| / M) . (sum_j v_j m_j / |m_j| / N)."""
+    `memory` rows are already unit vectors. Equal to the official M x N distance matrix without building it:
+    with sum(w) = M and sum(v) = N the mean is 1 - (sum_i w_i f_i / |f_i| / M) . (sum_j v_j m_j / N)."""
     fm, mm = feature_mask.to(features.dtype), memory_mask.to(memory.dtype)
     n_f, n_m = fm.sum().clamp_min(1), mm.sum().clamp_min(1)
     w = feature_weights * fm
-    v = memory_weights * mm
     w = w * n_f / w.sum().clamp_min(1e-12)
-    v = v * n_m / v.sum().clamp_min(1e-12)
+    if memory_attention:
+        v = memory_weights * mm
+        v = v * n_m / v.sum().clamp_min(1e-12)
+    else:
+        v = (1 / memory_weights) * memory_weights * mm
     a = (w.unsqueeze(1) * F.normalize(features, dim=1)).sum(0) / n_f
     b = (v.unsqueeze(1) * memory).sum(0) / n_m
     return 1 - (a * b).sum()
@@ -134,7 +142,7 @@ class SSNet(Method):
     name = "ssnet"
     description = "SS-Net: VAT smoothness + class separation towards a learned foreground prototype memory"
     Params = SSNetParams
-    recipe = {"iterations": 15000, "lr_schedule": "step", "lr_step": 2500, "lr_gamma": 0.1}
+    recipe = {"iterations": 15000, "lr_schedule": "step", "lr_step": 2500, "lr_gamma": 0.1, "post_lcc": True}
     presets = {"la-4": {"labeled": 4}, "la-8": {"labeled": 8}, "la-16": {"labeled": 16}}
 
     def __init__(self, params: SSNetParams, spec: NetSpec) -> None:
@@ -159,7 +167,7 @@ class SSNet(Method):
         with torch.no_grad():
             target = self.net(x).softmax(1)
         d = l2_normalise_per_sample(torch.rand_like(x) - 0.5)
-        with frozen_bn_statistics(self.net):
+        with frozen_bn_statistics(self.net), torch.enable_grad():  # the direction needs a gradient even in a probe
             d.requires_grad_(True)
             distance = binary_dice_loss(self.net(x + p.vat_xi * d).softmax(1), target)
             (grad,) = torch.autograd.grad(distance, d)
@@ -201,7 +209,7 @@ class SSNet(Method):
             memory = F.normalize(self.memory[c].to(predicted.dtype), dim=1)
             w = torch.sigmoid(masked_head(self.feature_selectors[c], predicted.detach(), mask, run))[:, 0]
             v = torch.sigmoid(masked_head(self.memory_selectors[c], memory, memory_mask, run))[:, 0]
-            term = weighted_prototype_distance(predicted, mask, w, memory, memory_mask, v)
+            term = weighted_prototype_distance(predicted, mask, w, memory, memory_mask, v, self.params.memory_attention)
             total = total + torch.where(run, term, torch.zeros_like(term))
         return total / self.spec.num_classes
 

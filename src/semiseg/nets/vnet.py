@@ -124,7 +124,11 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def evaluated_parameters(net: nn.Module) -> int:
-    """Parameters on the path `forward` uses: a multi-decoder VNet is evaluated through decoder 1 alone."""
+    """Parameters on the path `forward` uses: a multi-decoder VNet is evaluated through decoder 1 alone. Frozen
+    parameters count too: an evaluated EMA teacher (AD-MT) has no trainable ones."""
+    def total(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
     if isinstance(net, MultiDecoderVNet):
-        return count_parameters(net.encoder) + count_parameters(net.decoders[0])
-    return count_parameters(net)
+        return total(net.encoder) + total(net.decoders[0])
+    return total(net)
