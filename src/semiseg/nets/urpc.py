@@ -66,3 +66,7 @@ class PyramidVNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._decode(x, pyramid=False)[0]
+
+    def training_only_modules(self) -> list[nn.Module]:
+        """Modules `forward` never uses (left out of the evaluated parameter count)."""
+        return [self.aux_heads]
