@@ -582,3 +582,24 @@ def test_short_real_la_run_with_the_preset(name: str, la_root: Path, tmp_path: P
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_admt_teachers_and_alternation_stay_identical_across_two_processes(tmp_path: Path, tiny_synthetic: str) -> None:
+    """Each rank has its own seed (own dropout and boxes), but the alternation's generator is seeded before the
+    ranks diverge: both update the same teacher, so the teachers stay identical."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "admt-ddp"
+    sets = ["labeled=4", "iterations=4", "patch_size=32,32,16", "n_filters=4", "num_workers=0", "log_every=2",
+            "checkpoint_every=4", "batch_labeled=1", "batch_unlabeled=1", "period=2"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(Path(__file__).with_name("ddp_probe.py")), str(out), "admt", tiny_synthetic, *sets],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    rank0, rank1 = (torch.load(out / f"state-rank{r}.pt", weights_only=True) for r in (0, 1))
+    extra0, extra1 = rank0.pop("_extra_state"), rank1.pop("_extra_state")
+    assert torch.equal(extra0.pop("rng"), extra1.pop("rng")) and extra0 == extra1
+    learnt = [k for k in rank0 if k.endswith(("weight", "bias"))]
+    assert any(k.startswith("teachers.1.") for k in learnt)
+    for key in learnt:
+        assert torch.equal(rank0[key], rank1[key]), key

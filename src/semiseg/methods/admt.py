@@ -34,9 +34,10 @@ ConflictMode = Literal["pixel_confidence", "always_teacher", "always_student", "
 
 class ADMTParams(MethodParams):
     ema_decay: float = 0.99
-    ema_warmup: int = 40
-    """EMA steps s = (iteration - 1) // 2 below this copy the student outright (alpha = 0); afterwards
-    alpha = min(1 - 1 / (s - ema_warmup + 1), ema_decay). The official script reuses `consistency_rampup` (40)."""
+    ema_warmup_iterations: int = 80
+    """Updates during which a teacher update copies the student outright (alpha = 0). With s = (iteration - 1) // 2
+    and s0 = ema_warmup_iterations // 2, afterwards alpha = min(1 - 1 / (s - s0 + 1), ema_decay): the official
+    `global_step = iter_num // 2` against `consistency_rampup` (40), i.e. 80 updates."""
     ema_buffers: bool = True
     """Official: BatchNorm running statistics are averaged like the weights (integer counters are not)."""
     consistency: float = 2.0
@@ -255,10 +256,10 @@ class ADMT(Method):
     def ema_alpha(self, iteration: int) -> float:
         """Official `update_ema_variables(..., global_step=iter_num // 2)` with the 0-based `iter_num`."""
         p = self.params
-        step = (iteration - 1) // 2
-        if step < p.ema_warmup:
+        step, warmup = (iteration - 1) // 2, p.ema_warmup_iterations // 2
+        if step < warmup:
             return 0.0
-        return min(1 - 1 / (step - p.ema_warmup + 1), p.ema_decay)
+        return min(1 - 1 / (step - warmup + 1), p.ema_decay)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
