@@ -451,6 +451,8 @@ def test_admt_teachers_alternate_and_follow_the_official_ema() -> None:
     assert not any(p.requires_grad for p in method.teachers.parameters())
     assert count_parameters(method) == count_parameters(method.net)
     assert method.inference_network() is method.teachers[0]
+    student_evaluated = ADMT(ADMTParams(evaluated_network="student"), TINY)
+    assert student_evaluated.inference_network() is student_evaluated.net
 
 
 def test_admt_student_views_per_stretch() -> None:

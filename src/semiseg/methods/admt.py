@@ -70,7 +70,7 @@ class ADMTParams(MethodParams):
     p_noise: float = 0.2
     independent_teacher_init: bool = True
     """Official: both teachers start from their own random initialisation, not from the student."""
-    evaluate: Literal["teacher", "student"] = "teacher"
+    evaluated_network: Literal["teacher", "student"] = "teacher"
     """The official test script scores teacher 1 (`ema_model`); `student` scores the student instead."""
 
 
@@ -281,10 +281,13 @@ class ADMT(Method):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
 
+    def compiled_networks(self) -> list[nn.Module]:
+        return [self.net, *self.teachers]
+
     def inference_network(self) -> nn.Module:
-        return self.teachers[0] if self.params.evaluate == "teacher" else self.net
+        return self.teachers[0] if self.params.evaluated_network == "teacher" else self.net
 
     def evaluated_output(self) -> str:
         return ("teacher 1 (the EMA teacher updated during the strong-view stretches), as the official test script"
-                if self.params.evaluate == "teacher" else "the student VNet")
+                if self.params.evaluated_network == "teacher" else "the student VNet")
 
