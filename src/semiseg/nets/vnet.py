@@ -124,7 +124,13 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def evaluated_parameters(net: nn.Module) -> int:
-    """Parameters on the path `forward` uses: a multi-decoder VNet is evaluated through decoder 1 alone."""
+    """Parameters on the path `forward` uses: a multi-decoder VNet is evaluated through decoder 1 alone, and a
+    network's `training_only_modules()` are left out. Frozen parameters count: an evaluated EMA teacher (AD-MT)
+    has no trainable ones."""
+    def total(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
     if isinstance(net, MultiDecoderVNet):
-        return count_parameters(net.encoder) + count_parameters(net.decoders[0])
-    return count_parameters(net)
+        return total(net.encoder) + total(net.decoders[0])
+    unused = getattr(net, "training_only_modules", list)()  # e.g. URPC's auxiliary pyramid heads
+    return total(net) - sum(total(m) for m in unused)
