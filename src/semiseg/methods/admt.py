@@ -34,6 +34,7 @@ ConflictMode = Literal["pixel_confidence", "always_teacher", "always_student", "
 
 class ADMTParams(MethodParams):
     ema_decay: float = 0.99
+    """EMA decay of the teacher updated at this step (after the warm-up)."""
     ema_warmup_iterations: int = 80
     """Updates during which a teacher update copies the student outright (alpha = 0). With s = (iteration - 1) // 2
     and s0 = ema_warmup_iterations // 2, afterwards alpha = min(1 - 1 / (s - s0 + 1), ema_decay): the official
@@ -43,7 +44,9 @@ class ADMTParams(MethodParams):
     consistency: float = 2.0
     """Maximum weight of the unlabelled loss (the LA config's 2.0; the script's own default is 1.0)."""
     consistency_rampup: float = 40.0
+    """Sigmoid ramp-up length of the unlabelled weight, in epochs of `epoch_iterations`."""
     epoch_iterations: int = 150
+    """Iterations per ramp-up "epoch" (150 in the papers' loops; benchmarks rescale it with the budget)."""
     conf_threshold: float = 0.8
     """Pseudo-labels whose (blended) confidence is below this are ignored."""
     period: int = 19
@@ -64,10 +67,15 @@ class ADMTParams(MethodParams):
     """Official quirk: under CutMix the student's labels for the conflict rule come from the un-mixed weak
     view while the teachers' labels are mixed; False mixes them alike."""
     brightness: float = 0.5
+    """Strong view: maximum brightness jitter (official colour augmentation)."""
     contrast: float = 0.5
+    """Strong view: maximum contrast jitter."""
     p_color: float = 0.8
+    """Strong view: probability of the brightness / contrast jitter."""
     noise_sigma: tuple[float, float] = (0.1, 1.0)
+    """Strong view: range of the clipped Gaussian noise sigma (drawn per sample)."""
     p_noise: float = 0.2
+    """Strong view: probability of adding the clipped noise."""
     independent_teacher_init: bool = True
     """Official: both teachers start from their own random initialisation, not from the student."""
     evaluated_network: Literal["teacher", "student"] = "teacher"

@@ -30,6 +30,7 @@ class CPSParams(MethodParams):
     consistency_rampup: float = Field(200.0, ge=0)
     """Sigmoid ramp-up length in epochs of `epoch_iterations` (200 x 150 = the whole 30k-iteration run)."""
     epoch_iterations: int = Field(150, gt=0)
+    """Iterations per ramp-up "epoch" (150 in the papers' loops; benchmarks rescale it with the budget)."""
     ramp_from_zero: bool = True
     """SSL4MIS evaluates the ramp at the 0-based iteration (`iter_num` before its increment)."""
     init: Init | None = None

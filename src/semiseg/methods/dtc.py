@@ -31,6 +31,7 @@ class DTCParams(MethodParams):
     consistency_rampup: float = Field(40.0, ge=0)
     """Sigmoid ramp-up length in epochs of `epoch_iterations`."""
     epoch_iterations: int = Field(150, gt=0)
+    """Iterations per ramp-up "epoch" (150 in the papers' loops; benchmarks rescale it with the budget)."""
     ramp_from_zero: bool = True
     """The official loop evaluates the ramp at the 0-based iteration (`iter_num // 150` before its increment)."""
     transform_k: float = Field(1500.0, gt=0)
@@ -38,6 +39,7 @@ class DTCParams(MethodParams):
     bce_weight: float = Field(0.0, ge=0)
     """The official code computes a BCE on the labelled logits but never adds it to the loss (weight 0)."""
     dice_smooth: float = Field(1e-5, gt=0)
+    """Smoothing term of the supervised Dice (the official 1e-5)."""
 
 
 def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:

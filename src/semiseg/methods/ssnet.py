@@ -34,12 +34,15 @@ class SSNetParams(MethodParams):
     consistency: float = 1.0
     """Maximum weight of (L_vat + 0.1 (L_proto_l + L_proto_u))."""
     consistency_rampup: float = 40.0
+    """Sigmoid ramp-up length of the consistency weight, in epochs of `epoch_iterations`."""
     epoch_iterations: int = 150
+    """Iterations per ramp-up "epoch" (150 in the papers' loops; benchmarks rescale it with the budget)."""
     vat_xi: float = 10.0
     """Step of the power iteration that finds the adversarial direction."""
     vat_epsilon: float = 10.0
     """Radius of the adversarial perturbation (the official `--magnitude`)."""
     prototype_weight: float = 0.1
+    """Weight of the prototype-alignment terms inside the consistency (the official 0.1)."""
     memory_size: int = 32
     """Features kept per class in the prototype memory (`elements_per_class`)."""
     memory_selection: Literal["lowest", "highest"] = "lowest"

@@ -38,6 +38,7 @@ class UniMatchParams(MethodParams):
     loss_weights: LossWeights = (1.0, 0.25, 0.25, 0.5)
     """Weights of (L_x, L_s1, L_s2, L_fp) before dividing by `loss_norm` (official)."""
     loss_norm: float = Field(2.0, gt=0)
+    """The weighted sum of the four terms is divided by this (official: 2)."""
     fp_rate: float = Field(0.5, gt=0, lt=1)
     """Channel-dropout rate of the feature perturbation, at every pyramid level (official `Dropout2d(0.5)`)."""
     fp_type: PerturbType = "dropout"
@@ -48,6 +49,7 @@ class UniMatchParams(MethodParams):
     """Classes of the Dice losses. None: all classes for multi-class data (UniMatch `DiceLoss`), the
     foreground alone for binary data (CrossMatch-LA's Dice, the LA lineage's)."""
     dice_smooth: float = Field(1e-5, gt=0)
+    """Smoothing term of the Dice losses (official 1e-5)."""
     cutmix_prob: float = Field(0.5, ge=0, le=1)
     """Probability that a strong view gets a CutMix box at all."""
     cutmix3d_axes: Literal["official_swapped", "correct"] = "correct"

@@ -50,6 +50,7 @@ class URPCParams(MethodParams):
     """Sigmoid ramp-up length in epochs of `epoch_iterations`. SSL4MIS ramps over its whole run (400 x 150 =
     60,000 iterations); 100 x 150 spans the 15,000-iteration LA recipe the same way."""
     epoch_iterations: int = 150
+    """Iterations per ramp-up "epoch" (150 in the papers' loops; benchmarks rescale it with the budget)."""
     level_dropout: tuple[float, float, float, float] = PYRAMID_DROPOUT
     """Dropout3d after the decoder levels, deepest first (SSL4MIS `unet_3D_dv_semi`)."""
     detach_mean: bool = False
