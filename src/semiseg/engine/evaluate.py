@@ -22,11 +22,10 @@ from ..config import TrainConfig
 from ..data import Layout, open_dataset
 from ..data.prepare import parse_sizes
 from ..errors import ConfigError, DataError
-from ..methods.base import NetSpec
-from .checkpoint import load_checkpoint
 from .inference import predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
-from .trainer import BEST, CHECKPOINT, build_method, inference_protocol, resolve_device
+from .model_file import MODEL, load_model, with_post_lcc
+from .trainer import BEST, CHECKPOINT, resolve_device
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 # How each checkpoint rule chose the weights, stated in the protocol card (protocol.md section 6).
@@ -51,7 +50,10 @@ def code_version() -> str:
 
 
 def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
-    """A run folder becomes the checkpoint its selection rule names; returns (file, rule)."""
+    """A run folder becomes the checkpoint its selection rule names; returns (file, rule).
+
+    A folder that holds only an exported `model.pt` (no checkpoint) gives that file.
+    """
     path = Path(path)
     if which not in ("auto", "last", "best"):
         raise ConfigError(f"--checkpoint {which!r}: use auto (the run's rule), last or best")
@@ -68,6 +70,8 @@ def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
     # `best` is the run's own best checkpoint, so the card names the cases it was chosen on.
     rule = run_rule if which == "auto" or (which == "best" and run_rule.startswith("best_")) else which
     name = BEST if rule.startswith("best") else CHECKPOINT
+    if which == "auto" and not (path / name).is_file() and (path / MODEL).is_file():
+        return path / MODEL, "given file"
     return path / name, rule
 
 
@@ -156,21 +160,19 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
                         device: str = "auto", save_predictions: bool = False,
                         spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Score the model of a run folder, checkpoint or model file on a split; writes cases.csv and summary.json.
+
+    Only the inference network is loaded (`model_file.load_model`), and each volume's arrays are freed before the
+    next one is read, so the peak memory is one network, one volume and its windows.
+    """
     ckpt_path, rule = resolve_checkpoint(checkpoint, which)
-    payload = load_checkpoint(ckpt_path)
-    cfg = TrainConfig(**payload["config"])
-    if post_lcc is not None:
-        cfg.post_lcc = post_lcc
+    dev = resolve_device(device)
+    model = load_model(ckpt_path, rule, dev)
+    cfg, spec, net = model.config, model.spec, model.net
     policy = _checked_policy(empty_policy or cfg.empty_policy)
     layout = open_dataset(data or cfg.data, cfg.layout)
     ids = _split_ids(layout, cfg, split)
-    dev = resolve_device(device)
-    spec = NetSpec(**payload["spec"])
-    method = build_method(cfg, spec, dev)
-    method.load_state_dict(payload["method"])
-    method.eval()
-    net = method.inference_network()
-    protocol = inference_protocol(cfg, layout)
+    protocol = with_post_lcc(model, post_lcc)
     rows = []
     for case_id in ids:
         case = layout.read_eval(case_id)
@@ -182,20 +184,22 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
             _save_prediction(out / "predictions" / f"{case_id}.h5", pred)
         rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy, spacing,
                                                        case_id)})
+        del case, pred  # before the next volume is read
     train_split = layout.split(cfg.labeled, cfg.val)
-    best = payload.get("best") or {}
+    best = model.best
     card = {
         "dataset": {"layout": layout.name, "root": str(layout.root), "split": split, "case_ids": ids,
                     "class_names": list(layout.class_names),
                     "labeled_ids": train_split.labeled, "n_unlabeled": len(train_split.unlabeled),
                     "val_ids": train_split.val, "val_source": train_split.val_source},
-        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {method.evaluated_output()}"},
+        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {model.evaluated_output}"},
         "metrics": _metric_card(policy, spacing),
-        "checkpoint": {"path": str(ckpt_path), "iteration": payload["iteration"], "of": cfg.iterations,
-                       "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
+        "checkpoint": {"path": str(model.source), "iteration": model.iteration, "of": cfg.iterations,
+                       "rule": model.rule, "how_chosen": CHECKPOINT_RULES[model.rule],
                        "run_selection_rule": cfg.checkpoint_selection,
                        "best_val": best if best.get("iteration") else None,
-                       "complete": payload["iteration"] >= cfg.iterations},
+                       "complete": model.iteration >= cfg.iterations,
+                       **({"exported_from": model.exported_from} if model.exported_from else {})},
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "code_version": code_version(),
     }
     return write_report(out, rows, card)
