@@ -24,7 +24,7 @@ from ..data.prepare import parse_sizes
 from ..errors import ConfigError, DataError
 from .inference import predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
-from .model_file import MODEL, load_model, with_post_lcc
+from .model_file import MODEL, load_model
 from .trainer import BEST, CHECKPOINT, resolve_device
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -172,7 +172,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
     policy = _checked_policy(empty_policy or cfg.empty_policy)
     layout = open_dataset(data or cfg.data, cfg.layout)
     ids = _split_ids(layout, cfg, split)
-    protocol = with_post_lcc(model, post_lcc)
+    protocol = model.protocol_for(dev, post_lcc)
     rows = []
     for case_id in ids:
         case = layout.read_eval(case_id)

@@ -138,7 +138,7 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
     ckpt_path, rule = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = load_model(ckpt_path, rule, dev)
-    spec, net, protocol = model.spec, model.net, model.protocol
+    spec, net, protocol = model.spec, model.net, model.protocol_for(dev)
     cases = group_inputs(inputs, spec.in_channels)
     needs_recipe = normalize == "auto" and any(not f[0].name.endswith(H5) for f in cases.values())
     recipe = model_recipe(model, data) if needs_recipe else None
