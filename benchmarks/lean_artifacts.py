@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import REPO, markdown_table, stamp, update_section
@@ -74,7 +75,7 @@ def measured(args: list[str], log: Path, pythonpath: Path | None = None) -> dict
             "rc": os.waitstatus_to_exitcode(status)}
 
 
-def run_method(method: str, data: Path, work: Path, before_src: Path, iterations: int) -> dict:
+def run_method(method: str, data: Path, work: Path, before_src: Path, iterations: int, jobs: int) -> dict:
     run = work / "runs" / method
     if not (run / "checkpoint.pt").is_file():
         preset = [] if method == "supervised" else ["--preset", "la-8"]
@@ -97,17 +98,23 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
     result = {"method": method, "checkpoint_mib": (run / "checkpoint.pt").stat().st_size / 2**20,
               "model_mib": model.stat().st_size / 2**20, "params": params, "fp32_mib": 4 * params / 2**20,
               "evaluate": {}, "identical": None}
-    cases = {}
-    for variant, source, src in (("before", run, before_src), ("after", run, None), ("after_model", model, None)):
+    variants = (("before", run, before_src), ("after", run, None), ("after_model", model, None))
+
+    def evaluate(variant: str, source: Path, src: Path | None) -> tuple[dict[str, float], list]:
         out = work / "eval" / f"{method}-{variant}"
         shutil.rmtree(out, ignore_errors=True)
         log = work / "logs" / f"{method}-evaluate-{variant}.log"
         m = measured(["evaluate", str(source), "--data", str(data), "--out", str(out), "--device", "cpu"], log, src)
         if m["rc"] != 0:
             raise SystemExit(f"evaluate ({variant}) of {method} failed, see {log}")
-        result["evaluate"][variant] = m
-        cases[variant] = json.loads((out / "summary.json").read_text())["cases"]
         print(f"{method:12s} {variant:11s} peak {m['peak_mib']:7.0f} MiB  {m['wall_s']:6.1f} s", flush=True)
+        return m, json.loads((out / "summary.json").read_text())["cases"]
+
+    # Each evaluation is its own process, so running them side by side leaves every peak unchanged.
+    with ThreadPoolExecutor(jobs) as pool:
+        done = dict(zip([v for v, _, _ in variants], pool.map(lambda v: evaluate(*v), variants), strict=True))
+    result["evaluate"] = {v: m for v, (m, _) in done.items()}
+    cases = {v: c for v, (_, c) in done.items()}
     result["identical"] = cases["before"] == cases["after"] == cases["after_model"]
     return result
 
@@ -143,6 +150,8 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="commit whose evaluate is the 'before' column")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="evaluations of a method run side by side (the peaks "
+                        "are per process; only the wall times change)")
     parser.add_argument("--update-md", action="store_true")
     args = parser.parse_args()
     for sub in ("logs", "eval", "runs"):
@@ -154,7 +163,7 @@ def main() -> None:
     for method in args.methods:
         if method in results:  # measured by an earlier call with this --work
             continue
-        results[method] = {**run_method(method, data, args.work, before_src, args.iterations),
+        results[method] = {**run_method(method, data, args.work, before_src, args.iterations, args.jobs),
                            "iterations": args.iterations}
         results_file.write_text(json.dumps(results, indent=1))
     ordered = [results[m] for m in METHODS if m in results]
