@@ -165,6 +165,7 @@ def test_round_trip_metrics_from_model_file_equal_the_run_folder(method: str, tm
     assert card["checkpoint"]["rule"] == "last" and card["checkpoint"]["iteration"] == 2
     assert card["checkpoint"]["exported_from"] == str((run / "checkpoint.pt").resolve())
     assert card["checkpoint"]["path"] == str(exported)
+    assert card["inference"]["sw_batch_size"] == 2  # on CPU: as fast as 4 windows per forward, half the memory
     at_end = torch.load(run / MODEL, weights_only=True)["weights"]
     assert all(torch.equal(at_end[k], v) for k, v in payload["weights"].items())
 
@@ -254,3 +255,17 @@ def test_bad_model_files_are_one_line_errors(caml_run: Path, tmp_path: Path, cap
     code, _, _ = cli(["export", caml_run, "--out", tmp_path / "m.pt"], capsys, monkeypatch)
     code_again, _, _ = cli(["export", caml_run, "--out", tmp_path / "m.pt"], capsys, monkeypatch)
     assert code == code_again == 0  # an earlier model file is replaced
+
+
+def test_windows_per_forward_do_not_change_the_labels(caml_run: Path) -> None:
+    from dataclasses import replace
+
+    from semiseg.engine.inference import predict_volume
+
+    model = load_model(caml_run / MODEL)
+    image = np.random.default_rng(0).standard_normal((1, 40, 36, 24)).astype(np.float32)
+    protocol = model.protocol_for(torch.device("cpu"))
+    assert protocol.sw_batch_size == 2 and model.protocol.sw_batch_size == 4
+    labels = [predict_volume(model.net, image, replace(protocol, sw_batch_size=n), torch.device("cpu"))
+              for n in (1, 2, 4)]
+    assert all(np.array_equal(labels[0], other) for other in labels[1:])
