@@ -124,6 +124,9 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
 
 
 def markdown(results: list[dict], command: str, n_cases: int) -> str:
+    measured_names = {r["method"] for r in results}
+    left = [m for m in METHODS if m not in measured_names]
+    missing = f" Not in this table (not measured yet): {', '.join(left)}." if left else ""
     rows = []
     for r in results:
         ev = r["evaluate"]
@@ -146,7 +149,7 @@ def markdown(results: list[dict], command: str, n_cases: int) -> str:
         "on the number of windows. CrossMatch is trained with a 1+2 batch (its checkpoint holds no batch-sized "
         "state). fp32 weights = 4 bytes x the evaluated network's parameters. Not measured: the official CAML test "
         "script on the same volumes (its peak beside these columns), and the peak of one training step beside the "
-        "official step.", "", table])
+        "official step." + missing, "", table])
 
 
 def main() -> None:

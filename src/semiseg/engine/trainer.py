@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -395,5 +396,9 @@ class Trainer:
         """`model.pt`: the weights the run's selection rule chose, as `semiseg export` writes them."""
         rule = self.cfg.checkpoint_selection
         chosen = self.out / (BEST if rule.startswith("best") else CHECKPOINT)
-        if chosen.is_file():
+        if not chosen.is_file():
+            return
+        try:
             export_model(chosen, self.out / MODEL, rule)
+        except CheckpointError as exc:  # e.g. a file of the user's named model.pt: the run itself is complete
+            print(f"note: {exc}", file=sys.stderr)
