@@ -269,3 +269,15 @@ def test_windows_per_forward_do_not_change_the_labels(caml_run: Path) -> None:
     labels = [predict_volume(model.net, image, replace(protocol, sw_batch_size=n), torch.device("cpu"))
               for n in (1, 2, 4)]
     assert all(np.array_equal(labels[0], other) for other in labels[1:])
+
+
+def test_training_never_overwrites_a_users_model_pt(tmp_path: Path, tiny_synthetic: str,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MODEL).write_text("mine")
+    Trainer(build_config("supervised", None, {**TINY, "data": tiny_synthetic, "labeled": 2, "iterations": 1,
+                                              "batch_labeled": 2}), run, progress=False).run()
+    assert (run / MODEL).read_text() == "mine" and (run / "checkpoint.pt").is_file()
+    err = capsys.readouterr().err
+    assert "note: " in err and "model.pt: exists and is not a semiseg model file" in err
