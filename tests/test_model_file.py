@@ -165,7 +165,7 @@ def test_round_trip_metrics_from_model_file_equal_the_run_folder(method: str, tm
     assert card["checkpoint"]["rule"] == "last" and card["checkpoint"]["iteration"] == 2
     assert card["checkpoint"]["exported_from"] == str((run / "checkpoint.pt").resolve())
     assert card["checkpoint"]["path"] == str(exported)
-    assert card["inference"]["sw_batch_size"] == 2  # on CPU: as fast as 4 windows per forward, half the memory
+    assert card["inference"]["sw_batch_size"] == 2  # on CPU: nearly as fast as 4 windows per forward, half the memory
     at_end = torch.load(run / MODEL, weights_only=True)["weights"]
     assert all(torch.equal(at_end[k], v) for k, v in payload["weights"].items())
 

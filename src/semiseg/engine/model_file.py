@@ -39,7 +39,7 @@ MODEL = "model.pt"
 # A network that `nets.portable` cannot describe is rebuilt through its method (whose code is then needed).
 BY_METHOD = "method"
 # Windows per forward pass on CPU. Measured with the 16-filter VNet on 112x112x80 windows (2-core CPU): 2 windows
-# cost within about 5 % of the CPU time of 4, with half the activation memory (about 300 MB per window).
+# cost 3-8 % more CPU time than 4, with half the activation memory (about 300 MB per window).
 CPU_WINDOWS = 2
 
 
