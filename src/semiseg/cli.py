@@ -150,7 +150,7 @@ def _finish_lines(out: Path, checkpoint: Path) -> list[str]:
 
 @app.command()
 def evaluate(
-    run: Annotated[Path | None, typer.Argument(help="Run folder or checkpoint file")] = None,
+    run: Annotated[Path | None, typer.Argument(help="Run folder, model.pt or checkpoint file")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on; a moved "
                                              "one is recognised by its fingerprint)")] = None,
     split: Annotated[str, typer.Option(help="test or val")] = "test",
@@ -212,7 +212,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="Run folder or checkpoint file")],
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder, model.pt or checkpoint file")],
     inputs: Annotated[list[Path], typer.Argument(help="Images (.h5, .nii, .nii.gz, .nrrd; multi-channel as "
                                                   "CASE_0000, CASE_0001, ...) or folders of them")],
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("predictions"),
@@ -229,6 +229,25 @@ def predict(
 
     for path in predict_files(checkpoint, inputs, out, device, normalize, data, progress=not quiet):
         typer.echo(str(path))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file")],
+    out: Annotated[Path | None, typer.Option(help="Model file to write (default RUN/model.pt)")] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto (the run's rule), last or best")] = "auto",
+) -> None:
+    """Write the inference network alone: weights, network spec, preprocessing, inference protocol and card.
+
+    `evaluate` and `predict` take the file in place of the run folder; it loads without the method's code.
+    """
+    from .engine.evaluate import resolve_checkpoint
+    from .engine.model_file import MODEL, export_model
+
+    source, rule = resolve_checkpoint(run, checkpoint)
+    path = export_model(source, out or (run if run.is_dir() else run.parent) / MODEL, rule)
+    typer.echo(f"model: {path} ({path.stat().st_size / 2**20:.1f} MiB; exported from {source}, "
+               f"{source.stat().st_size / 2**20:.1f} MiB)")
 
 
 @app.command()

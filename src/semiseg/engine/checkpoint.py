@@ -93,6 +93,15 @@ def restore_method(path: Path, payload: dict[str, Any], device: torch.device) ->
     The network is first built on the meta device (no memory): its state's keys and shapes must match the
     checkpoint's tensors, so a damaged spec cannot allocate huge layers and a wrong tensor is named.
     """
+    cfg, spec = check_checkpoint(path, payload)
+    method = cfg.method_class()(cfg.method_params(), spec).to(device)
+    method.load_state_dict(payload["method"])
+    return cfg, spec, method
+
+
+def check_checkpoint(path: Path, payload: dict[str, Any]) -> tuple[TrainConfig, NetSpec]:
+    """The configuration and spec of a loaded checkpoint, after checking that its method state has the keys and
+    shapes of its network (built on the meta device, so nothing large is allocated)."""
     path = Path(path)
     for key, kind in (("config", dict), ("method", dict), ("iteration", int)):
         if not isinstance(payload.get(key), kind):
@@ -121,9 +130,7 @@ def restore_method(path: Path, payload: dict[str, Any], device: torch.device) ->
             got = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
             raise CheckpointError(f"{path}: tensor {key!r} has shape {got}, the network needs "
                                   f"{tuple(tensor.shape)}; the checkpoint is damaged")
-    method = cfg.method_class()(cfg.method_params(), spec).to(device)
-    method.load_state_dict(state)
-    return cfg, spec, method
+    return cfg, spec
 
 
 def check_writable(folder: Path) -> None:

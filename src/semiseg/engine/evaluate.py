@@ -22,10 +22,11 @@ from ..config import TrainConfig, load_yaml
 from ..data import Layout, dataset_fingerprint, locate_dataset, open_dataset
 from ..data.prepare import parse_sizes
 from ..errors import ConfigError, DataError
-from ..methods.base import Method, NetSpec
-from .checkpoint import check_writable, load_checkpoint, restore_method
-from .inference import predict_volume
+from ..methods.base import NetSpec
+from .checkpoint import check_writable
+from .inference import InferenceProtocol, predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
+from .model_file import MODEL, load_model
 from .progress import CaseProgress
 from .runlock import FolderLock
 from .trainer import BEST, CHECKPOINT, build_method, extension_line, inference_protocol, resolve_device
@@ -58,7 +59,10 @@ def code_version() -> str:
 
 
 def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
-    """A run folder becomes the checkpoint its selection rule names; returns (file, rule)."""
+    """A run folder becomes the checkpoint its selection rule names; returns (file, rule).
+
+    A folder that holds only an exported `model.pt` (no checkpoint) gives that file.
+    """
     path = Path(path)
     if which not in ("auto", "last", "best"):
         raise ConfigError(f"--checkpoint {which!r}: use auto (the run's rule), last or best")
@@ -73,6 +77,8 @@ def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
     # `best` is the run's own best checkpoint, so the card names the cases it was chosen on.
     rule = run_rule if which == "auto" or (which == "best" and run_rule.startswith("best_")) else which
     name = BEST if rule.startswith("best") else CHECKPOINT
+    if which == "auto" and not (path / name).is_file() and (path / MODEL).is_file():
+        return path / MODEL, "given file"
     return path / name, rule
 
 
@@ -187,27 +193,33 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
                         device: str = "auto", save_predictions: bool = False, spacing: Spacing = None,
                         progress: bool = False) -> dict[str, Any]:
-    """Score a run's checkpoint on a split into `out` (cases.csv, summary.json, optionally predictions/);
-    `progress` prints each case with its metrics as it finishes."""
+    """Score the model of a run folder, checkpoint or model file on a split into `out` (cases.csv, summary.json,
+    optionally predictions/); `progress` prints each case with its metrics as it finishes.
+
+    Only the inference network is loaded (`model_file.load_model`), and each volume's arrays are freed before the
+    next one is read, so the peak memory is one network, one volume and its windows.
+    """
     with _locked_output(out, "semiseg evaluate"):
         ckpt_path, rule = resolve_checkpoint(checkpoint, which)
-        payload = load_checkpoint(ckpt_path)
         dev = resolve_device(device)
-        cfg, _, method = restore_method(ckpt_path, payload, dev)
-        best = payload.get("best") or {}
-        plan = payload.get("plan") or {}
-        checkpoint_card = {"path": str(Path(ckpt_path).resolve()), "iteration": payload["iteration"],
-                           "of": cfg.iterations, "rule": rule, "how_chosen": CHECKPOINT_RULES[rule],
+        model = load_model(ckpt_path, rule, dev)
+        cfg, record = model.config, model.record
+        best = model.best
+        checkpoint_card = {"path": str(Path(model.source).resolve()), "iteration": model.iteration,
+                           "of": cfg.iterations, "rule": model.rule, "how_chosen": CHECKPOINT_RULES[model.rule],
                            "run_selection_rule": cfg.checkpoint_selection,
                            "best_val": best if best.get("iteration") else None,
-                           "complete": payload["iteration"] >= cfg.iterations}
+                           "complete": model.iteration >= cfg.iterations,
+                           **({"exported_from": model.exported_from} if model.exported_from else {})}
         training = {"iterations": cfg.iterations,
-                    "extensions": [{**ext, "note": extension_line(ext)} for ext in payload.get("history") or []]}
+                    "extensions": [{**ext, "note": extension_line(ext)} for ext in record.get("history") or []]}
         layout = locate_dataset(cfg.data, data, cfg.layout)
-        trained_on = (payload.get("dataset") or {}).get("fingerprint")
-        return _evaluate_method(method, cfg, layout, checkpoint_card, out, split, post_lcc, empty_policy, dev,
-                                save_predictions, spacing, progress, trained_on=trained_on, training=training,
-                                window_source=plan.get("source", "not recorded (a run of an earlier semiseg)"))
+        return _evaluate_network(model.net, model.spec, model.evaluated_output, cfg, layout,
+                                 model.protocol_for(dev, post_lcc), checkpoint_card, out, split, empty_policy, dev,
+                                 save_predictions, spacing, progress,
+                                 trained_on=(record.get("dataset") or {}).get("fingerprint"), training=training,
+                                 window_source=(record.get("plan") or {}).get(
+                                     "source", "not recorded (a run of an earlier semiseg)"))
 
 
 def evaluate_official_checkpoint(file: Path, cfg: TrainConfig, out: Path, split: str = "test",
@@ -231,24 +243,24 @@ def evaluate_official_checkpoint(file: Path, cfg: TrainConfig, out: Path, split:
                            "how_chosen": f"an official checkpoint of {official.repo} ({official.network}), keys "
                                          "mapped by semiseg.official; its selection rule is the official script's",
                            "run_selection_rule": None, "best_val": None, "complete": None}
-        return _evaluate_method(method.to(dev), cfg, layout, checkpoint_card, out, split, post_lcc, empty_policy,
-                                dev, save_predictions, spacing, progress, window_source="given with the command")
+        method = method.to(dev).eval()
+        if post_lcc is not None:
+            cfg.post_lcc = post_lcc
+        return _evaluate_network(method.inference_network(), spec, method.evaluated_output(), cfg, layout,
+                                 inference_protocol(cfg, layout), checkpoint_card, out, split, empty_policy, dev,
+                                 save_predictions, spacing, progress, window_source="given with the command")
 
 
-def _evaluate_method(method: Method, cfg: TrainConfig, layout: Layout, checkpoint_card: dict[str, Any], out: Path,
-                     split: str, post_lcc: bool | None, empty_policy: str | None, dev: torch.device,
-                     save_predictions: bool, spacing: Spacing, progress: bool, trained_on: str | None = None,
-                     training: dict[str, Any] | None = None, window_source: str | None = None) -> dict[str, Any]:
-    """The evaluation loop shared by semiseg runs and official checkpoints: predict, score, write the card."""
-    spec = method.spec
-    if post_lcc is not None:
-        cfg.post_lcc = post_lcc
+def _evaluate_network(net: torch.nn.Module, spec: NetSpec, evaluated_output: str, cfg: TrainConfig, layout: Layout,
+                      protocol: InferenceProtocol, checkpoint_card: dict[str, Any], out: Path, split: str,
+                      empty_policy: str | None, dev: torch.device, save_predictions: bool, spacing: Spacing,
+                      progress: bool, trained_on: str | None = None, training: dict[str, Any] | None = None,
+                      window_source: str | None = None) -> dict[str, Any]:
+    """The evaluation loop shared by semiseg runs, model files and official checkpoints: predict, score, write
+    the card."""
     policy = _checked_policy(empty_policy or cfg.empty_policy)
     fingerprint = dataset_fingerprint(layout)
     ids = _split_ids(layout, cfg, split)
-    method.eval()
-    net = method.inference_network()
-    protocol = inference_protocol(cfg, layout)
     rows = []
     shown = CaseProgress("evaluate", len(ids), progress)
     try:
@@ -263,6 +275,7 @@ def _evaluate_method(method: Method, cfg: TrainConfig, layout: Layout, checkpoin
             rows.append({"case": case_id, **_class_metrics(pred, case.label, layout.num_classes, policy,
                                                            _case_spacing(layout, case_id, spacing), case_id)})
             shown.step(case_id, _case_line(rows[-1]))
+            del case, pred  # before the next volume is read
     finally:
         shown.close()
     train_split = layout.split(cfg.labeled, cfg.val)
@@ -273,7 +286,7 @@ def _evaluate_method(method: Method, cfg: TrainConfig, layout: Layout, checkpoin
                     "same_as_training": None if trained_on is None else fingerprint == trained_on,
                     "labeled_ids": train_split.labeled, "n_unlabeled": len(train_split.unlabeled),
                     "val_ids": train_split.val, "val_source": train_split.val_source},
-        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {method.evaluated_output()}",
+        "inference": {**vars(protocol), "evaluated_output": f"{cfg.method}: {evaluated_output}",
                       "window_source": window_source},
         "metrics": _metric_card(policy, _units(layout, ids, spacing)),
         "training": training or {"iterations": None, "extensions": []},

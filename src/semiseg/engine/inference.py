@@ -11,13 +11,19 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .postprocess import largest_connected_component
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..data import Layout
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,17 @@ class InferenceProtocol:
     sw_batch_size: int = 4
     blend: str = "mean softmax probabilities, equal weights"
     decision: str = "argmax over averaged probabilities (= foreground > 0.5 for 2 classes, ties to background)"
+
+
+def inference_protocol(cfg: TrainConfig, layout: Layout | None = None) -> InferenceProtocol:
+    """The run's inference protocol: its patch and stride, slice by slice for 2D networks (ACDC)."""
+    # Without a layout, a 2D patch means a 2D network applied to volumes slice by slice (ACDC).
+    mode = layout.inference_mode if layout is not None else "slicewise" if len(cfg.patch_size) == 2 else \
+        "sliding_window"
+    if mode == "sliding_window" and len(cfg.stride) != len(cfg.patch_size):
+        raise ConfigError(f"stride {cfg.stride} and patch_size {cfg.patch_size} need the same number of axes; "
+                          "pass --set stride=... with one value per patch axis")
+    return InferenceProtocol(mode, tuple(cfg.patch_size), tuple(cfg.stride), cfg.post_lcc)
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:

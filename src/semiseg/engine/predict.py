@@ -9,21 +9,20 @@ window is the run's (its preset's patch and stride).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..data.h5 import Case, read_array, validate_case
-from ..data.layouts.nnunet import find_prepared
-from ..data.prepare import CHANNEL_FILE, PREPARED, Recipe, Volume, read_volume, split_suffix, write_label_like
+from ..data.prepare import CHANNEL_FILE, Recipe, Volume, read_volume, split_suffix, write_label_like
 from ..errors import DataError, one_line
-from .checkpoint import check_writable, load_checkpoint, restore_method
+from .checkpoint import check_writable
 from .evaluate import resolve_checkpoint
 from .inference import predict_volume
+from .model_file import InferenceModel, load_model, recipe_json
 from .progress import CaseProgress
-from .trainer import inference_protocol, resolve_device
+from .trainer import resolve_device
 
 H5 = ".h5"
 
@@ -75,16 +74,17 @@ def group_inputs(paths: list[Path], channels: int) -> dict[str, list[Path]]:
 
 def load_recipe(data: str) -> Recipe | None:
     """The training dataset's preprocessing when it is a prepared dataset; None for h5 layouts."""
-    if data == "synthetic" or data.startswith("synthetic:"):
-        return None
-    root = Path(data).expanduser()
-    if not root.exists():
-        raise DataError(f"{root}: the run's training data is not found from here, and predicting on NIfTI / NRRD "
-                        "scans needs its preprocessing; pass --data with the dataset (or its prepared cache)")
-    cache = find_prepared(root)
-    if cache is None:
-        return None
-    return Recipe.from_json(json.loads((cache / PREPARED).read_text())["recipe"])
+    recipe = recipe_json(data)
+    return None if recipe is None else Recipe.from_json(recipe)
+
+
+def model_recipe(model: InferenceModel, data: str | None) -> Recipe | None:
+    """The training dataset's preprocessing: from `data` when given, else as recorded in the model file, else
+    read from the dataset the run was trained on; None for h5 layouts (no recipe)."""
+    pre = model.preprocessing
+    if data is None and pre.get("recipe_recorded"):
+        return None if pre.get("recipe") is None else Recipe.from_json(pre["recipe"])
+    return load_recipe(data or model.config.data)
 
 
 def _read_h5(path: Path) -> np.ndarray:
@@ -140,17 +140,14 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
     if normalize not in ("auto", "zscore", "none"):
         raise DataError(f"--normalize {normalize!r}: use auto, zscore or none")
     check_writable(Path(out))  # before any work
-    ckpt_path, _ = resolve_checkpoint(checkpoint)
-    payload = load_checkpoint(ckpt_path)
+    ckpt_path, rule = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
-    cfg, spec, method = restore_method(ckpt_path, payload, dev)
+    model = load_model(ckpt_path, rule, dev)
+    spec, net, protocol = model.spec, model.net, model.protocol_for(dev)
     cases = group_inputs(inputs, spec.in_channels)
     needs_recipe = normalize == "auto" and any(not f[0].name.endswith(H5) for f in cases.values())
-    recipe = load_recipe(data or cfg.data) if needs_recipe else None
+    recipe = model_recipe(model, data) if needs_recipe else None
     slicewise = spec.spatial_dims == 2  # 2D networks label volumes slice by slice (ACDC)
-    protocol = inference_protocol(cfg)
-    method.eval()
-    net = method.inference_network()
     out.mkdir(parents=True, exist_ok=True)
     written = []
     shown = CaseProgress("predict", len(cases), progress)
@@ -167,6 +164,7 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
             written.append(_write(out, case_id, pred, reference, recipe, files[0]))
             counts = np.bincount(pred.ravel(), minlength=spec.num_classes)[1:]
             shown.step(case_id, f"{written[-1].name}, foreground voxels per class {counts.tolist()}")
+            del image, reference, case, pred  # before the next scan is read
     finally:
         shown.close()
     return written

@@ -39,8 +39,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import init_from_env, shutdown
-from .inference import InferenceProtocol, autocast_for, predict_volume
+from .inference import autocast_for, inference_protocol, predict_volume
 from .metrics import dice
+from .model_file import MODEL, export_model
 from .progress import Progress
 from .runlock import FolderLock
 from .schedules import poly_lr, step_lr
@@ -145,16 +146,6 @@ def uses_channels_last(cfg: TrainConfig, device: torch.device, spatial_dims: int
     """Channels-last 3D lets cuDNN pick its fastest convolution kernels (tensor cores) on GPUs."""
     wanted = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     return wanted and spatial_dims == 3
-
-
-def inference_protocol(cfg: TrainConfig, layout: Layout | None = None) -> InferenceProtocol:
-    # Without a layout, a 2D patch means a 2D network applied to volumes slice by slice (ACDC).
-    mode = layout.inference_mode if layout is not None else "slicewise" if len(cfg.patch_size) == 2 else \
-        "sliding_window"
-    if mode == "sliding_window" and len(cfg.stride) != len(cfg.patch_size):
-        raise ConfigError(f"stride {cfg.stride} and patch_size {cfg.patch_size} need the same number of axes; "
-                          "pass --set stride=... with one value per patch axis")
-    return InferenceProtocol(mode, tuple(cfg.patch_size), tuple(cfg.stride), cfg.post_lcc)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -449,6 +440,8 @@ class Trainer:
         run folder's lock is released at the end, whatever happens."""
         try:
             if self.start >= self.cfg.iterations:
+                if self.dist.is_main and not (self.out / MODEL).is_file():
+                    self._export()  # a run finished before model files existed
                 return self.out / CHECKPOINT
             handlers = self._catch_signals()
             try:
@@ -636,5 +629,17 @@ class Trainer:
                                 "val_dice": last.get("val_dice")},
                        "window": self.plan, "extensions": self.history}
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            self._export()
         shutdown(self.dist)
         return self.out / CHECKPOINT
+
+    def _export(self) -> None:
+        """`model.pt`: the weights the run's selection rule chose, as `semiseg export` writes them."""
+        rule = self.cfg.checkpoint_selection
+        chosen = self.out / (BEST if rule.startswith("best") else CHECKPOINT)
+        if not chosen.is_file():
+            return
+        try:
+            export_model(chosen, self.out / MODEL, rule)
+        except CheckpointError as exc:  # e.g. a file of the user's named model.pt: the run itself is complete
+            print(f"note: {exc}", file=sys.stderr)

@@ -22,11 +22,11 @@ from ..engine.losses import binary_dice_loss
 from ..engine.schedules import sigmoid_rampup
 from ..errors import ConfigError
 from ..nets import MultiDecoderVNet
+from ..nets.vnet import AverageMode, DecoderAverage
 from . import register
 from .base import Method, MethodParams, NetSpec, StepContext, StepOutput
 
 Measure = Literal["entropy", "max_prob"]
-AverageMode = Literal["logits_gt_0.5", "mean_softmax"]
 
 _LA = {"patch_size": (112, 112, 80), "stride": (18, 18, 4), "rot_flip": True}
 _PANCREAS = {"patch_size": (96, 96, 96), "stride": (16, 16, 16), "rot_flip": False}
@@ -112,25 +112,6 @@ def directional_loss(student_logits: torch.Tensor, student_probs: torch.Tensor, 
     ce = F.cross_entropy(ce_input, teacher_probs.argmax(1), reduction="none")
     norm = mask.sum() if params.pseudo_loss_norm == "mask_count" else weight.sum()
     return (ce * weight).sum() / (norm + 1e-6), mask, weight
-
-
-class DecoderAverage(nn.Module):
-    """The official "average of decoders" output. With `logits_gt_0.5` each window yields the scores
-    [0.5, mean foreground logit], averaged as they are (`window_scores`) so that argmax = (mean logit
-    > 0.5); with `mean_softmax` it yields log(mean softmax), whose softmax is the mean softmax."""
-
-    def __init__(self, net: MultiDecoderVNet, mode: AverageMode) -> None:
-        super().__init__()
-        self.net = net
-        self.mode = mode
-        self.window_scores = mode == "logits_gt_0.5"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([z for z, _ in self.net.forward_all(x)]).float()
-        if self.mode == "mean_softmax":
-            return logits.softmax(2).mean(0).clamp_min(torch.finfo(torch.float32).tiny).log()
-        mean = logits.mean(0)
-        return torch.cat([torch.full_like(mean[:, :1], 0.5), mean[:, 1:]], 1)
 
 
 @register

@@ -84,6 +84,7 @@ class UNet2D(nn.Module):
         super().__init__()
         self.encoder = UNet2DEncoder(in_channels)
         self.decoder = UNet2DDecoder(num_classes)
+        self.arch_args = {"in_channels": in_channels, "num_classes": num_classes}  # for `nets.portable`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

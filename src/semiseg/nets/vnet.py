@@ -9,6 +9,7 @@ correlation and MLRPL's prototypes are computed from.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,6 +88,11 @@ class VNet(nn.Module):
         super().__init__()
         self.encoder = VNetEncoder(in_channels, n_filters, norm, dropout, x4_transform)
         self.decoder = VNetDecoder(n_classes, n_filters, up, norm, dropout)
+        # The constructor arguments, so a model file can rebuild the network (`nets.portable`); None with an
+        # x4 transform, a module that arguments cannot describe.
+        self.arch_args: dict[str, Any] | None = None if x4_transform is not None else {
+            "in_channels": in_channels, "n_classes": n_classes, "n_filters": n_filters, "norm": norm,
+            "dropout": dropout, "up": up}
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the 16-channel (n_filters) last decoder feature map."""
@@ -109,6 +115,8 @@ class MultiDecoderVNet(nn.Module):
         super().__init__()
         self.encoder = VNetEncoder(in_channels, n_filters, norm, dropout)
         self.decoders = nn.ModuleList(VNetDecoder(n_classes, n_filters, up, norm, dropout) for up in up_types)
+        self.arch_args: dict[str, Any] = {"in_channels": in_channels, "n_classes": n_classes, "n_filters": n_filters,
+                                          "up_types": list(up_types), "norm": norm, "dropout": dropout}
 
     def forward_all(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         skips = self.encoder(x)
@@ -116,6 +124,28 @@ class MultiDecoderVNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoders[0](self.encoder(x))[0]
+
+
+AverageMode = Literal["logits_gt_0.5", "mean_softmax"]
+
+
+class DecoderAverage(nn.Module):
+    """The official "average of decoders" output (MLRPL). With `logits_gt_0.5` each window yields the scores
+    [0.5, mean foreground logit], averaged as they are (`window_scores`) so that argmax = (mean logit
+    > 0.5); with `mean_softmax` it yields log(mean softmax), whose softmax is the mean softmax."""
+
+    def __init__(self, net: MultiDecoderVNet, mode: AverageMode) -> None:
+        super().__init__()
+        self.net = net
+        self.mode = mode
+        self.window_scores = mode == "logits_gt_0.5"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([z for z, _ in self.net.forward_all(x)]).float()
+        if self.mode == "mean_softmax":
+            return logits.softmax(2).mean(0).clamp_min(torch.finfo(torch.float32).tiny).log()
+        mean = logits.mean(0)
+        return torch.cat([torch.full_like(mean[:, :1], 0.5), mean[:, 1:]], 1)
 
 
 def count_parameters(module: nn.Module) -> int:
