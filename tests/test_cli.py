@@ -79,7 +79,7 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path, tiny_synthetic: str) 
     (["train", "--method", "nope"], "unknown method 'nope'"),
     (["train", "--method", "supervised", "--data", "/does/not/exist"], "data folder not found"),
     (["train", "--method", "supervised", "--set", "lr=abc"], "config key 'lr'"),
-    (["train", "--data", "/does/not/exist"], "train needs --method NAME; methods: bcp, caml,"),
+    (["train", "--data", "/does/not/exist"], "train needs --method NAME; methods: admt, bcp, caml,"),
     (["evaluate", "/does/not/exist.pt"], "neither a run folder nor a checkpoint"),
     (["evaluate", "/does/not/exist.pt", "--spacing", "0.6,-1,1"], "--spacing '0.6,-1,1': give one positive size"),
 ])

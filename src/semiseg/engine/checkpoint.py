@@ -125,8 +125,12 @@ def check_checkpoint(path: Path, payload: dict[str, Any]) -> tuple[TrainConfig, 
                               f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]!r}); the checkpoint "
                               "is damaged or from another version")
     for key, tensor in expected.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue  # a module's extra state (e.g. AD-MT's alternation), checked by the module when loaded
         stored = state[key]
-        if not isinstance(stored, torch.Tensor) or tuple(stored.shape) != tuple(tensor.shape):
+        lazy = tensor.numel() == 0  # a buffer sized at the first step (CAML's memory bank): any size of its rank
+        if not isinstance(stored, torch.Tensor) or (stored.dim() != tensor.dim() if lazy else
+                                                    tuple(stored.shape) != tuple(tensor.shape)):
             got = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
             raise CheckpointError(f"{path}: tensor {key!r} has shape {got}, the network needs "
                                   f"{tuple(tensor.shape)}; the checkpoint is damaged")

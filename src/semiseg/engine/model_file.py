@@ -103,9 +103,13 @@ def read_artifact(path: Path) -> dict[str, Any]:
     if kind not in newest:
         raise CheckpointError(f"{path}: not a semiseg model or checkpoint (no {FORMAT!r} or {ckpt.FORMAT!r} "
                               "marker); pass a model.pt written by `semiseg export` or a run folder")
-    if payload.get("version", 0) > newest[kind]:
-        raise CheckpointError(f"{path}: written by a newer semiseg ({kind} format {payload['version']}); "
-                              "upgrade semiseg")
+    version = payload.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > newest[kind]:
+        raise CheckpointError(f"{path}: written by a newer semiseg ({kind} format {version}); upgrade semiseg")
+    if version != newest[kind] or isinstance(version, bool):
+        raise CheckpointError(f"{path}: {'checkpoint' if kind == ckpt.FORMAT else 'model file'} format version "
+                              f"{version!r} is not one this semiseg reads ({newest[kind]}); the file is damaged or "
+                              "was not written by semiseg")
     return payload
 
 

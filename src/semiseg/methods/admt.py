@@ -167,7 +167,7 @@ class ADMT(Method):
         # The alternation (saved through get_extra_state): teacher 1 active first. Its draws (stretch lengths,
         # the CutMix coin) come from a CPU generator of its own, seeded from the global one while every process
         # still shares the run's seed, so all processes of a multi-GPU run update the same teacher.
-        self.alternation_rng = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        self.alternation_rng = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), device="cpu")))
         self.first_active = True
         self.counter = 0
         self.stretch = self._draw_stretch()
@@ -175,7 +175,8 @@ class ADMT(Method):
     def _draw_stretch(self) -> int:
         """Length of the next stretch, U{1..period} (a CPU draw: no device sync)."""
         p = self.params.period
-        return int(torch.randint(1, p + 1, (), generator=self.alternation_rng)) if self.params.random_period else p
+        return int(torch.randint(1, p + 1, (), generator=self.alternation_rng, device="cpu")) \
+            if self.params.random_period else p
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"first_active": self.first_active, "counter": self.counter, "stretch": self.stretch,
