@@ -99,6 +99,10 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     spacing: Annotated[str | None, typer.Option(
         help="X,Y,Z mm per voxel: HD95 / ASD in mm (default: voxels, as the papers)")] = None,
+    cpu_bf16: Annotated[bool | None, typer.Option(
+        help="bf16 autocast on CPU (faster on AVX512-BF16/AMX; rounding-level changes, stated on the card)")] = None,
+    fold_bn: Annotated[bool | None, typer.Option(
+        help="Fold BatchNorm into the convolutions (faster; rounding-level changes, stated on the card)")] = None,
 ) -> None:
     """Score a model (or a folder of predictions) with the papers' metrics and a protocol card."""
     from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_card, format_summary, parse_spacing
@@ -115,7 +119,7 @@ def evaluate(
             raise SemisegError("give a run folder or checkpoint, or --pred DIR with --data")
         target = out or (run if run.is_dir() else run.parent) / f"eval-{split}"
         summary = evaluate_checkpoint(run, target, data, split, checkpoint, lcc, empty_policy, device,
-                                      save_predictions, voxel_size)
+                                      save_predictions, voxel_size, cpu_bf16, fold_bn)
     for line in [*format_summary(summary), *format_card(summary)]:
         typer.echo(line)
     typer.echo(f"protocol card and per-case metrics: {target / 'summary.json'}, {target / 'cases.csv'}")

@@ -155,12 +155,18 @@ def _metric_card(empty_policy: str, spacing: tuple[float, ...] | None = None) ->
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
                         device: str = "auto", save_predictions: bool = False,
-                        spacing: tuple[float, ...] | None = None) -> dict[str, Any]:
+                        spacing: tuple[float, ...] | None = None, cpu_bf16: bool | None = None,
+                        fold_bn: bool | None = None) -> dict[str, Any]:
+    """`post_lcc`, `empty_policy`, `cpu_bf16`, `fold_bn`: None = the run's own setting."""
     ckpt_path, rule = resolve_checkpoint(checkpoint, which)
     payload = load_checkpoint(ckpt_path)
     cfg = TrainConfig(**payload["config"])
     if post_lcc is not None:
         cfg.post_lcc = post_lcc
+    if cpu_bf16 is not None:
+        cfg.cpu_bf16 = cpu_bf16
+    if fold_bn is not None:
+        cfg.fold_bn = fold_bn
     policy = _checked_policy(empty_policy or cfg.empty_policy)
     layout = open_dataset(data or cfg.data, cfg.layout)
     ids = _split_ids(layout, cfg, split)
