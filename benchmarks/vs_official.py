@@ -91,11 +91,23 @@ def settings() -> dict[str, dict[str, Any]]:
                          "iter_arg": "--max_iterations", "root_arg": "--root_path",
                          "datasets": "dataloaders.brats2019", "net": ("networks.net_factory_3d", "VNet"),
                          "format": "dict", "method": "mean_teacher", "batch": (2, 2)},
+        "crossmatch_acdc": {"dataset_names": ["ACDCDataset"], "dims": 2, "folder": "CrossMatch/ACDC",
+                            "script": "train_cross_match.py", "argv": ["--labeled-id-path", "l", "--unlabeled-id-path",
+                                                                       "u"],
+                            "config": "configs/acdc.yaml", "iter_arg": None, "root_arg": "--save-path",
+                            "datasets": "dataset.acdc", "net": ("model.unet", "UNet"), "format": "crossmatch",
+                            "method": "crossmatch", "preset": "acdc-3", "batch": (4, 4), "classes": 4, "ddp": True,
+                            "sizes": {"mini": ((128, 128), 16), "paper": ((256, 256), 16)}},
         "mcnet": {**la, "folder": "MC-Net/code", "script": "train_mcnet_3d.py", "argv": ["--labelnum", "8"],
                   "iter_arg": "--max_iteration", "root_arg": "--root_path", "datasets": "dataloaders.dataset",
                   "net": ("networks.net_factory", "MCNet3d_v1"), "format": "dict", "method": "mcnet",
                   "batch": (2, 2)},
     }
+
+
+def shape_of(spec: dict[str, Any], size: str) -> tuple[tuple[int, ...], int]:
+    """(patch, n_filters) of a setting at a size; 2D settings have their own (the official UNet's widths are fixed)."""
+    return spec.get("sizes", SIZES)[size]
 
 
 def synthetic(step: int, patch: tuple[int, ...], n: int, labeled: int, classes: int = 2) -> tuple:
@@ -150,7 +162,8 @@ class _Loaders:
         # CrossMatch: labelled (img, mask); unlabelled and mix (weak, strong1, strong2, box1, box2).
         if getattr(dataset, "mode", "") == "train_l":
             return image[:lab], label[:lab]
-        first = lab if which == 0 else lab + unl  # loaders made in order: unlabelled, mix, labelled
+        order = [loader for loader in self.created if getattr(loader.dataset, "mode", "") != "train_l"]
+        first = lab + unl * min(order.index(self.created[which]), 1)  # the first unlabelled loader, then the mix
         u = image[first:first + unl]
         strong = (u * 0.9 + 0.05).contiguous()
         return (u, strong.clone(), strong.clone(), cutmix_boxes(2 * step + which, unl, self.patch),
@@ -178,6 +191,41 @@ def _loader_class(state: _Loaders) -> type:
                 yield state.item(self.which, step, self.dataset)
 
     return StandInLoader
+
+
+class _Stub(types.ModuleType):
+    """A module whose every attribute is a do-nothing callable: for imports that only replaced code uses."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: None
+
+
+# Imported at the top of official modules but used only by what the benchmark replaces or never calls: torchio by
+# the CrossMatch-LA dataset, pandas by its test helper, batchgenerators by SSL4MIS's nnU-Net class (each stubbed only
+# when not installed); torchvision's meta kernel for nms
+# (its compiled ops do not match this torch build; the scripts use only transforms and make_grid).
+_STUBS = {"crossmatch_la": ("torchio", "torchio.transforms", "pandas"),
+          "uamt": ("batchgenerators", "batchgenerators.augmentations", "batchgenerators.augmentations.utils"),
+          "mean_teacher": ("batchgenerators", "batchgenerators.augmentations", "batchgenerators.augmentations.utils")}
+
+
+def _stub_modules(setting: str = "") -> None:
+    import importlib.machinery
+
+    for name in ("torchvision._meta_registrations", *_STUBS.get(setting, ())):
+        try:
+            if name != "torchvision._meta_registrations":
+                __import__(name)
+                continue
+        except ImportError:
+            pass
+        sys.modules[name] = _Stub(name)
+        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, sys.modules[name])
 
 
 class _StandInDataset:
@@ -224,9 +272,38 @@ def _confine(scratch: Path):
         module.SummaryWriter = Writer
 
 
+def _single_process_ddp() -> None:
+    """CrossMatch-ACDC is a torchrun script: run it as one gloo process (SyncBatchNorm on one process is
+    BatchNorm; DistributedDataParallel keeps its gradient all-reduce, over one process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    helper = __import__("util.dist_helper", fromlist=["_"])
+
+    def setup_distributed(backend: str = "gloo", port: int | None = None) -> tuple[int, int]:
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        return 0, 1
+
+    helper.setup_distributed = setup_distributed
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda module, *a, **k: module)
+    real_ddp = torch.nn.parallel.DistributedDataParallel
+
+    class CpuDDP(real_ddp):  # type: ignore[misc, valid-type]
+        def __init__(self, module: torch.nn.Module, *a: Any, **k: Any) -> None:
+            k.pop("device_ids", None)
+            k.pop("output_device", None)
+            super().__init__(module, **k)
+
+    torch.nn.parallel.DistributedDataParallel = CpuDDP  # type: ignore[misc]
+
+
 def run_official(name: str, root: Path, size: str, steps: int, warmup: int) -> dict[str, Any]:
     spec = settings()[name]
-    patch, n_filters = SIZES[size]
+    patch, n_filters = shape_of(spec, size)
     code = (root / spec["folder"]).resolve()
     scratch = Path(tempfile.mkdtemp(prefix=f"vs-official-{name}-")).resolve()
     try:
@@ -234,11 +311,13 @@ def run_official(name: str, root: Path, size: str, steps: int, warmup: int) -> d
         work.mkdir(parents=True)
         os.chdir(work)
         sys.path.insert(0, str(code))
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        _stub_modules(name)
         torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
         torch.nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
         _confine(scratch)
-        state = _Loaders(spec["format"], patch, spec["batch"], 2, warmup + steps)
+        state = _Loaders(spec["format"], patch, spec["batch"], spec.get("classes", 2), warmup + steps)
+        if spec.get("ddp"):
+            _single_process_ddp()
         torch.utils.data.DataLoader = _loader_class(state)  # type: ignore[misc]
         datasets = __import__(spec["datasets"], fromlist=["_"])
         for cls_name in spec["dataset_names"]:
@@ -249,8 +328,9 @@ def run_official(name: str, root: Path, size: str, steps: int, warmup: int) -> d
         if "n_filters" in net_cls.__init__.__code__.co_varnames:
             setattr(net_module, spec["net"][1], functools.partial(net_cls, n_filters=n_filters))
             filters = str(n_filters)
-        sys.argv = [spec["script"], *spec["argv"], spec["iter_arg"], str(10 ** 6),
-                    spec["root_arg"], str(scratch) + "/"]
+        sys.argv = [spec["script"], *spec["argv"], *([spec["iter_arg"], str(10 ** 6)] if spec["iter_arg"] else []),
+                    spec["root_arg"], str(scratch) + "/",
+                    *(["--config", str(code / spec["config"])] if "config" in spec else [])]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(_Done):
             runpy.run_path(str(code / spec["script"]), run_name="__main__")
         marks = state.marks
@@ -266,33 +346,38 @@ def run_official(name: str, root: Path, size: str, steps: int, warmup: int) -> d
 
 # ----------------------------------------------------------------------------------------------------- semiseg
 def run_semiseg(name: str, size: str, steps: int, warmup: int, overrides: list[str]) -> dict[str, Any]:
+    """The trainer's step (train_step under its autocast, backward, optimiser, after_step) on the same batches."""
     from semiseg.config import build_config, parse_set
     from semiseg.data.loader import Batch
     from semiseg.engine.inference import autocast_for
-    from semiseg.engine.trainer import setup, uses_channels_last
-    from semiseg.methods.base import StepContext
+    from semiseg.engine.trainer import build_method, build_optimizer, set_threads, uses_channels_last
+    from semiseg.methods.base import NetSpec, StepContext
 
     spec = settings()[name]
-    patch, n_filters = SIZES[size]
+    patch, n_filters = shape_of(spec, size)
     lab, unl = spec["batch"]
-    method_name = spec["method"]
-    extra = {"batch_unlabeled": 2 * unl} if method_name == "crossmatch" else {"batch_unlabeled": unl}
-    cfg = build_config(method_name, None, {"data": "synthetic:n_train=16,n_test=1,shape=72x72x40", "labeled": 8,
-                                           "device": "cpu", "patch_size": patch, "n_filters": n_filters,
-                                           "batch_labeled": lab, **extra, **parse_set(overrides)}, "la-8")
-    s = setup(cfg)
-    method, opt = s.method, s.optimizer
+    classes = spec.get("classes", 2)
+    n_unl = 2 * unl if spec["method"] == "crossmatch" else unl  # CrossMatch: the unlabelled and the mix stream
+    cfg = build_config(spec["method"], None, {"device": "cpu", "patch_size": patch, "n_filters": n_filters,
+                                              "batch_labeled": lab, "batch_unlabeled": n_unl,
+                                              **parse_set(overrides)}, spec.get("preset", "la-8"))
+    device = torch.device("cpu")
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg, NetSpec(1, classes, len(patch), cfg.n_filters, cfg.norm, cfg.dropout), device)
+    channels_last = uses_channels_last(cfg, device, len(patch))
+    if channels_last:
+        method.to(memory_format=torch.channels_last_3d)
+    opt = build_optimizer(cfg, method)
     method.train()
-    channels_last = uses_channels_last(cfg, s.device, len(patch))
     times = []
-    n_unl = cfg.batch_unlabeled
     for step in range(warmup + steps):
-        image, label, index = synthetic(step, patch, lab + 2 * unl, lab)
+        image, label, index = synthetic(step, patch, lab + 2 * unl, lab, classes)
         batch = Batch(image[:lab], label[:lab], image[lab:lab + n_unl], index)
         t0 = time.perf_counter()
-        batch = batch.to(s.device, channels_last)
-        ctx = StepContext(cfg.iterations // 2, cfg.iterations, 8)
-        with autocast_for(s.device, cfg.cpu_bf16) if cfg.amp else torch.autocast("cpu", enabled=False):
+        batch = batch.to(device, channels_last)
+        ctx = StepContext(cfg.iterations // 2, cfg.iterations, 8)  # mid-run: every term of the loss active
+        with autocast_for(device, cfg.cpu_bf16) if cfg.amp else torch.autocast("cpu", enabled=False):
             out = method.train_step(batch, ctx)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -315,7 +400,7 @@ def run_eval_official(root: Path, run: Path, data: Path, cases: list[str]) -> di
     from semiseg.methods.base import NetSpec
 
     sys.path.insert(0, str((root / "CAML" / "code").resolve()))
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    _stub_modules()
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     from utils import test_patch  # the official module
 
@@ -326,6 +411,7 @@ def run_eval_official(root: Path, run: Path, data: Path, cases: list[str]) -> di
     net = method.inference_network().eval()
     paths = [str(data / "2018LA_Seg_Training Set" / c / "mri_norm2.h5") for c in cases]
     scratch = Path(tempfile.mkdtemp(prefix="vs-official-eval-"))
+    (scratch / "pred").mkdir()  # the official function writes its summary to test_save_path/../
     out = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(out):
@@ -365,8 +451,7 @@ def train_eval_model(data: Path, out: Path, iterations: int) -> Path:
         return out
     cfg = build_config("supervised", None, {"data": str(data), "labeled": 8, "iterations": iterations,
                                             "patch_size": (64, 64, 32), "stride": (9, 9, 2), "n_filters": 8,
-                                            "num_workers": 1, "device": "cpu", "checkpoint_every": iterations},
-                       "la-8")
+                                            "num_workers": 1, "device": "cpu", "checkpoint_every": iterations})
     Trainer(cfg, out, progress=False).run()
     return out
 
