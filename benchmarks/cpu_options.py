@@ -11,8 +11,14 @@ gives the median over rounds of each variant's mean step time, with the step's G
 loader worker), through the trainer with its defaults (`channels_last=auto`); s/it is the trainer's own
 `s_per_it` over the second half of the iterations (the first half holds the warm-up).
 
+`inference`: a VNet trained briefly on LA-mini (8 filters, benchmarks/vs_official.py's evaluation model) evaluated
+on `--cases` LA-mini test volumes with the default fp32 path and with the inference options (`fold_bn`,
+`cpu_bf16`, both), interleaved over `--rounds`: seconds per volume and the largest per-case Dice change against fp32
+(the issue's bar for bf16: within 0.1 point).
+
     python benchmarks/cpu_options.py options --rounds 3 --update-md
     python benchmarks/cpu_options.py la-mini --iterations 8 --update-md
+    python benchmarks/cpu_options.py inference --cases 4 --rounds 2 --update-md
 """
 
 from __future__ import annotations
@@ -80,9 +86,53 @@ def la_mini(methods: list[str], iterations: int, la: Path, work: Path) -> list[d
     return rows
 
 
+def inference(cases: int, rounds: int, la: Path, work: Path) -> list[dict]:
+    import time
+
+    import torch
+    from la_mini import prepare
+    from vs_official import train_eval_model
+
+    from semiseg.config import TrainConfig
+    from semiseg.data import open_dataset
+    from semiseg.engine.checkpoint import load_checkpoint
+    from semiseg.engine.inference import predict_volume
+    from semiseg.engine.metrics import dice
+    from semiseg.engine.trainer import build_method, inference_protocol
+    from semiseg.methods.base import NetSpec
+
+    data = prepare(la, work / "la-mini-data")
+    run = train_eval_model(data, work / "eval-model", 300)
+    payload = load_checkpoint(run / "checkpoint.pt")
+    cfg = TrainConfig(**payload["config"])
+    method = build_method(cfg, NetSpec(**payload["spec"]), torch.device("cpu"))
+    method.load_state_dict(payload["method"])
+    net = method.inference_network().eval()
+    layout = open_dataset(str(data))
+    volumes = [layout.read_eval(c) for c in layout.test_ids[:cases]]
+    variants = {"fp32 (default)": {}, "fold_bn": {"fold_bn": True}, "cpu_bf16": {"cpu_bf16": True},
+                "fold_bn + cpu_bf16": {"fold_bn": True, "cpu_bf16": True}}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    dices: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, options in variants.items():
+            protocol = inference_protocol(cfg.model_copy(update=options), layout)
+            t0 = time.perf_counter()
+            preds = [predict_volume(net, v.image, protocol, torch.device("cpu")) for v in volumes]
+            seconds[name].append((time.perf_counter() - t0) / len(volumes))
+            dices[name] = [100 * dice(p == 1, v.label == 1) for p, v in zip(preds, volumes, strict=True)]
+            print(f"inference {name}: {seconds[name][-1]:.2f} s/volume", file=sys.stderr, flush=True)
+    base = dices["fp32 (default)"]
+    return [{"variant": name, "s_per_volume": statistics.median(seconds[name]), "all_s": seconds[name],
+             "mean_dice": statistics.mean(dices[name]),
+             "max_abs_dice_change": max(abs(a - b) for a, b in zip(dices[name], base, strict=True))}
+            for name in variants]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="options", choices=["options", "la-mini"])
+    parser.add_argument("mode", nargs="?", default="options", choices=["options", "la-mini", "inference"])
+    parser.add_argument("--cases", type=int, default=4, help="inference: LA-mini test volumes")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement, after one warm-up")
@@ -117,6 +167,18 @@ def main() -> None:
             update_section("cpu-options", f"### CPU options per method, LA-mini shape\n\n{stamp()}\n\nCommand: "
                            f"`python benchmarks/cpu_options.py options --rounds {args.rounds} --steps {args.steps}`"
                            f" (median over {args.rounds} interleaved rounds)\n\n{md}\n")
+    elif args.mode == "inference":
+        rows = inference(args.cases, args.rounds, args.la, args.work)
+        (results / "cpu_inference.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
+        base = rows[0]["s_per_volume"]
+        md = markdown_table(["inference path", "s/volume", "speed-up", "mean Dice %", "largest per-case Dice change"],
+                            [[r["variant"], f"{r['s_per_volume']:.2f}", f"{base / r['s_per_volume']:.2f}x",
+                              f"{r['mean_dice']:.2f}", f"{r['max_abs_dice_change']:.3f} points"] for r in rows])
+        print(md)
+        if args.update_md:
+            update_section("cpu-inference", f"### Inference options on CPU, LA-mini volumes\n\n{stamp()}\n\nCommand: "
+                           f"`python benchmarks/cpu_options.py inference --cases {args.cases} --rounds {args.rounds}`"
+                           f" (median over rounds; patch 64x64x32, stride 9/9/2, 8 filters)\n\n{md}\n")
     else:
         rows = la_mini(methods, args.iterations, args.la, args.work)
         (results / "la_mini_speed.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
