@@ -91,7 +91,7 @@ def inference(cases: int, rounds: int, la: Path, work: Path) -> list[dict]:
 
     import torch
     from la_mini import prepare
-    from vs_official import train_eval_model
+    from vs_official import EVAL_ITERATIONS, train_eval_model
 
     from semiseg.config import TrainConfig
     from semiseg.data import open_dataset
@@ -102,7 +102,7 @@ def inference(cases: int, rounds: int, la: Path, work: Path) -> list[dict]:
     from semiseg.methods.base import NetSpec
 
     data = prepare(la, work / "la-mini-data")
-    run = train_eval_model(data, work / "eval-model", 300)
+    run = train_eval_model(data, work / "eval-model", EVAL_ITERATIONS)
     payload = load_checkpoint(run / "checkpoint.pt")
     cfg = TrainConfig(**payload["config"])
     method = build_method(cfg, NetSpec(**payload["spec"]), torch.device("cpu"))

@@ -60,6 +60,7 @@ from common import REPO, markdown_table, stamp, update_section  # noqa: E402
 
 # Batch shapes: LA-mini (benchmarks/la_mini.py: 64x64x32, 8 filters) and the papers' (112x112x80, 16 filters);
 # ACDC is 2D (the official UNet has fixed widths).
+EVAL_ITERATIONS = 80  # the evaluated VNet: enough for non-empty predictions on every test volume
 SIZES = {"tiny": ((32, 32, 32), 4), "mini": ((64, 64, 32), 8), "paper": ((112, 112, 80), 16)}  # tiny: smoke runs
 
 
@@ -179,8 +180,8 @@ def _loader_class(state: _Loaders) -> type:
             self.sampler = kwargs.get("sampler") or types.SimpleNamespace(set_epoch=lambda _e: None)
             state.created.append(self)
 
-        def __len__(self) -> int:
-            return state.total + 1
+        def __len__(self) -> int:  # an epoch longer than the benchmark (scripts divide by it)
+            return max(state.total + 1, 1000)
 
         def __iter__(self):
             for step in range(state.total + 1):
@@ -491,10 +492,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="semiseg key=value")
     parser.add_argument("--eval-cases", type=int, default=0, help="LA-mini test volumes to evaluate both ways")
-    parser.add_argument("--eval-iterations", type=int, default=300, help="training of the evaluated model")
+    parser.add_argument("--eval-iterations", type=int, default=EVAL_ITERATIONS, help="training of the evaluated model")
     parser.add_argument("--la", type=Path, default=REPO.parent / "shared" / "data" / "LA")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "semiseg-vs-official")
     parser.add_argument("--update-md", action="store_true", help="write the vs-official section of BENCHMARKS.md")
+    parser.add_argument("--tag", default="", help="suffix of the result file and of the BENCHMARKS.md section")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = args.official_root.resolve()
@@ -512,6 +514,7 @@ def main() -> None:
         return
     if not root.is_dir():
         raise SystemExit(f"--official-root {root}: no such folder (fetch the official repositories there)")
+    load_start = os.getloadavg()[0]
     chosen = args.settings or [n for n, s in settings().items() if (root / s["folder"] / s["script"]).is_file()]
     rows, raw = [], []
     for name in chosen:
@@ -561,14 +564,18 @@ def main() -> None:
               f"{official['seconds'] / ours['seconds']:.2f}x",
               "identical (to the official 5 decimals)" if agree else "DIFFER"]])
         print(eval_table, flush=True)
-    out = REPO / "benchmarks" / "results" / "vs_official.json"
+    suffix = f"-{args.tag}" if args.tag else ""
+    out = REPO / "benchmarks" / "results" / f"vs_official{suffix}.json"
     out.write_text(json.dumps({"stamp": stamp(), "steps": raw, "eval": eval_raw}, indent=1))
     print(table)
     if args.update_md:
         cmd = (f"python benchmarks/vs_official.py --official-root DIR --settings {' '.join(chosen)} --sizes "
                f"{' '.join(args.sizes)} --repeats {args.repeats} --steps {args.steps}"
-               + (f" --eval-cases {args.eval_cases}" if args.eval_cases else ""))
-        update_section("vs-official", f"### One training step, official code vs semiseg (CPU)\n\n{stamp()}\n\n"
+               + (f" --eval-cases {args.eval_cases}" if args.eval_cases else "")
+               + (f" --tag {args.tag}" if args.tag else ""))
+        update_section(f"vs-official{suffix}", f"### One training step, official code vs semiseg (CPU){suffix}\n\n"
+                       f"{stamp()} Load average (1 min) at the start / end: {load_start:.1f} / "
+                       f"{os.getloadavg()[0]:.1f}.\n\n"
                        f"Command: `{cmd}` (interleaved: official, semiseg, official, ...)\n\n{table}\n\n{eval_table}\n")
 
 
