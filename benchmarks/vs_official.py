@@ -60,7 +60,7 @@ from common import REPO, markdown_table, stamp, update_section  # noqa: E402
 
 # Batch shapes: LA-mini (benchmarks/la_mini.py: 64x64x32, 8 filters) and the papers' (112x112x80, 16 filters);
 # ACDC is 2D (the official UNet has fixed widths).
-EVAL_ITERATIONS = 80  # the evaluated VNet: enough for non-empty predictions on every test volume
+EVAL_ITERATIONS = 300  # the evaluated VNet: enough for non-empty predictions on the test volumes
 SIZES = {"tiny": ((32, 32, 32), 4), "mini": ((64, 64, 32), 8), "paper": ((112, 112, 80), 16)}  # tiny: smoke runs
 
 
@@ -213,7 +213,12 @@ _STUBS = {"crossmatch_la": ("torchio", "torchio.transforms", "pandas"),
 
 
 def _stub_modules(setting: str = "") -> None:
+    """Also restores NumPy's old aliases (np.int, np.float, np.bool), which the official code (NumPy < 1.24) uses."""
     import importlib.machinery
+
+    for alias, builtin in (("int", int), ("float", float), ("bool", bool)):
+        if alias not in np.__dict__:
+            setattr(np, alias, builtin)
 
     for name in ("torchvision._meta_registrations", *_STUBS.get(setting, ())):
         try:
