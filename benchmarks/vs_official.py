@@ -432,11 +432,13 @@ def run_eval_official(root: Path, run: Path, data: Path, cases: list[str]) -> di
     (scratch / "pred").mkdir()  # the official function writes its summary to test_save_path/../
     out = io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        test_patch.test_all_case("vnet", 1, net, paths, 2, tuple(cfg.patch_size), cfg.stride[0], cfg.stride[2],
-                                 save_result=False, test_save_path=str(scratch / "pred") + "/", metric_detail=1)
+    try:
+        with contextlib.redirect_stdout(out):
+            test_patch.test_all_case("vnet", 1, net, paths, 2, tuple(cfg.patch_size), cfg.stride[0], cfg.stride[2],
+                                     save_result=False, test_save_path=str(scratch / "pred") + "/", metric_detail=1)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - t0
-    shutil.rmtree(scratch, ignore_errors=True)
     rows = [[float(v) for v in m.groups()[1:]] for line in out.getvalue().splitlines()
             if (m := _OFFICIAL_LINE.match(line.strip()))]
     return {"side": "official", "seconds": elapsed, "cases": dict(zip(cases, rows, strict=True))}
@@ -453,9 +455,11 @@ def run_eval_semiseg(run: Path, data: Path, cases: list[str]) -> dict[str, Any]:
     (subset / "train.list").write_text((data / "train.list").read_text())
     (subset / "test.list").write_text("\n".join(cases) + "\n")
     t0 = time.perf_counter()
-    summary = evaluate_checkpoint(run, scratch / "eval", data=str(subset), device="cpu")
+    try:
+        summary = evaluate_checkpoint(run, scratch / "eval", data=str(subset), device="cpu")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - t0
-    shutil.rmtree(scratch, ignore_errors=True)
     return {"side": "semiseg", "seconds": elapsed,
             "cases": {r["case"]: [r["dice"], r["jaccard"], r["hd95"], r["asd"]] for r in summary["cases"]}}
 
