@@ -40,7 +40,10 @@ def commit() -> str:
 
 
 def stamp() -> str:
-    return f"Machine: {machine()}. Commit: {commit()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC."
+    """Machine, commit, date and the 1-minute load average (other jobs on the same cores slow every figure)."""
+    load = f" Load average: {os.getloadavg()[0]:.1f}." if hasattr(os, "getloadavg") else ""
+    return (f"Machine: {machine()}. Commit: {commit()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC."
+            + load)
 
 
 def update_section(name: str, body: str) -> None:

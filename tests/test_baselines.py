@@ -191,7 +191,7 @@ def test_mean_teacher_loss_equals_the_reference() -> None:
 
 
 def test_uamt_loss_masks_uncertain_voxels_like_the_reference() -> None:
-    method = UAMT(UAMTParams(), TINY)
+    method = UAMT(UAMTParams(single_pass=False), TINY)  # one call per pass as SSL4MIS; batched: test_cpu_speed.py
     method.net = _pointwise(1.0, 0.0, -1.0, 0.0)
     method.teacher = EMATeacher(_pointwise(0.0, 0.0, 1.5, 0.0))
     batch = _batch(seed=3)

@@ -171,6 +171,10 @@ def evaluate(
     preset: Annotated[str | None, typer.Option(help="With --official-checkpoint: the method's preset")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="With --official-checkpoint: key=value, "
                                                    "e.g. n_filters=16 or patch_size=112,112,80")] = None,
+    cpu_bf16: Annotated[bool | None, typer.Option(
+        help="bf16 autocast on CPU (faster on AVX512-BF16/AMX; rounding-level changes, stated on the card)")] = None,
+    fold_bn: Annotated[bool | None, typer.Option(
+        help="Fold BatchNorm into the convolutions (faster; rounding-level changes, stated on the card)")] = None,
     voxels: Annotated[bool, typer.Option(help="HD95 / ASD in voxels even when the dataset knows its "
                                          "spacing")] = False,
     quiet: Annotated[bool, typer.Option(help="No per-case progress")] = False,
@@ -204,7 +208,8 @@ def evaluate(
             raise SemisegError("give a run folder or checkpoint, or --pred DIR with --data")
         target = out or (run if run.is_dir() else run.parent) / f"eval-{split}"
         summary = evaluate_checkpoint(run, target, data, split, checkpoint, lcc, empty_policy, device,
-                                      save_predictions, units, progress=not quiet)
+                                      save_predictions, units, progress=not quiet, cpu_bf16=cpu_bf16,
+                                      fold_bn=fold_bn)
     for line in [*format_summary(summary), *format_card(summary)]:
         typer.echo(line)
     typer.echo(f"protocol card and per-case metrics: {target / 'summary.json'}, {target / 'cases.csv'}")

@@ -95,9 +95,16 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     amp: bool = True
-    """bf16 autocast on CUDA (no effect on CPU)."""
+    """bf16 autocast on CUDA (on CPU only with cpu_bf16)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
-    """Channels-last 3D memory layout; auto = on for CUDA."""
+    """Channels-last 3D memory layout; auto = on for 3D networks on CUDA, and on CPU for methods that measured
+    faster."""
+    cpu_bf16: bool = False
+    """bf16 autocast on CPU too (AVX512-BF16 / AMX); changes numerics, so off by default (stated on the card)."""
+    fold_bn: bool = False
+    """Inference: BatchNorm folded into the convolution before it (rounding-level changes; off by default)."""
+    threads: int = 0
+    """CPU threads of the intra-op pool; 0 = the cores this process may run on."""
     cudnn_benchmark: bool = True
     """cuDNN autotuning on CUDA (fixed patch sizes make it pay off)."""
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
@@ -138,6 +145,13 @@ class TrainConfig(BaseModel):
     def _positive(cls, value: int) -> int:
         if value <= 0:
             raise ValueError("must be positive")
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (all the cores this process may use) or a positive thread count")
         return value
 
     @model_validator(mode="after")

@@ -192,9 +192,11 @@ def _locked_output(out: Path, command: str) -> FolderLock:
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",
                         which: str = "auto", post_lcc: bool | None = None, empty_policy: str | None = None,
                         device: str = "auto", save_predictions: bool = False, spacing: Spacing = None,
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False, cpu_bf16: bool | None = None,
+                        fold_bn: bool | None = None) -> dict[str, Any]:
     """Score the model of a run folder, checkpoint or model file on a split into `out` (cases.csv, summary.json,
-    optionally predictions/); `progress` prints each case with its metrics as it finishes.
+    optionally predictions/); `progress` prints each case with its metrics as it finishes; `cpu_bf16` and
+    `fold_bn` (None: the run's own setting) choose the faster approximate inference paths, stated on the card.
 
     Only the inference network is loaded (`model_file.load_model`), and each volume's arrays are freed before the
     next one is read, so the peak memory is one network, one volume and its windows.
@@ -215,7 +217,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
                     "extensions": [{**ext, "note": extension_line(ext)} for ext in record.get("history") or []]}
         layout = locate_dataset(cfg.data, data, cfg.layout)
         return _evaluate_network(model.net, model.spec, model.evaluated_output, cfg, layout,
-                                 model.protocol_for(dev, post_lcc), checkpoint_card, out, split, empty_policy, dev,
+                                 model.protocol_for(dev, post_lcc, cpu_bf16, fold_bn), checkpoint_card, out, split,
+                                 empty_policy, dev,
                                  save_predictions, spacing, progress,
                                  trained_on=(record.get("dataset") or {}).get("fingerprint"), training=training,
                                  window_source=(record.get("plan") or {}).get(

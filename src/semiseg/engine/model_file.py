@@ -60,10 +60,15 @@ class InferenceModel:
     exported_from: str | None = None  # for a model file: the checkpoint it was exported from
     record: dict[str, Any] = field(default_factory=dict)  # the run's window plan, extensions, dataset fingerprint
 
-    def protocol_for(self, device: torch.device, post_lcc: bool | None = None) -> InferenceProtocol:
+    def protocol_for(self, device: torch.device, post_lcc: bool | None = None, cpu_bf16: bool | None = None,
+                     fold_bn: bool | None = None) -> InferenceProtocol:
         """The protocol as run on `device`: at most `CPU_WINDOWS` windows per forward on CPU (the labels do not
         depend on it), and the largest-component filter switched as asked (None: as trained)."""
         protocol = self.protocol if post_lcc is None else replace(self.protocol, post_lcc=post_lcc)
+        if cpu_bf16 is not None:
+            protocol = replace(protocol, cpu_bf16=cpu_bf16)
+        if fold_bn is not None:
+            protocol = replace(protocol, fold_bn=fold_bn)
         if torch.device(device).type == "cpu" and protocol.sw_batch_size > CPU_WINDOWS:
             protocol = replace(protocol, sw_batch_size=CPU_WINDOWS)
         return protocol

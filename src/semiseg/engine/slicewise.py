@@ -37,7 +37,8 @@ def zoom_nearest_2d(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def slicewise_labels(net: nn.Module, volume: torch.Tensor, size: Sequence[int], batch_size: int = 16) -> torch.Tensor:
+def slicewise_labels(net: nn.Module, volume: torch.Tensor, size: Sequence[int], batch_size: int = 16,
+                     cpu_bf16: bool = False) -> torch.Tensor:
     """Label map [D, H, W] (int64) of a volume [C, D, H, W]: per slice resize, softmax, argmax, resize back."""
     if volume.ndim != 4:
         raise ValueError(f"slice-wise inference needs a (C, D, H, W) volume, got shape {tuple(volume.shape)}")
@@ -45,7 +46,7 @@ def slicewise_labels(net: nn.Module, volume: torch.Tensor, size: Sequence[int], 
     slices = zoom_nearest_2d(volume.movedim(1, 0), size)  # [D, C, h, w]
     labels = []
     for start in range(0, len(slices), batch_size):
-        with autocast_for(volume.device):
+        with autocast_for(volume.device, cpu_bf16):
             logits = net(slices[start:start + batch_size])
         labels.append(logits.float().softmax(1).argmax(1))
     return zoom_nearest_2d(torch.cat(labels), (height, width))

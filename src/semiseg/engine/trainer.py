@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import resource
 import shutil
@@ -137,14 +138,36 @@ def setup(cfg: TrainConfig, local_rank: int | None = None, layout: Layout | None
     method = build_method(cfg, spec, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    else:
+        set_threads(cfg.threads)
     if uses_channels_last(cfg, device, spec.spatial_dims):
         method.to(memory_format=torch.channels_last_3d)
     return Setup(layout, split, method, build_optimizer(cfg, method), device)
 
 
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and `taskset` narrow), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> None:
+    """One intra-op thread per usable core (0 = all of them): more threads than cores only adds contention."""
+    wanted = threads or available_cores()
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
 def uses_channels_last(cfg: TrainConfig, device: torch.device, spatial_dims: int) -> bool:
-    """Channels-last 3D lets cuDNN pick its fastest convolution kernels (tensor cores) on GPUs."""
-    wanted = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    """Channels-last 3D lets cuDNN pick its fastest convolution kernels (tensor cores) on GPUs, and oneDNN its
+    blocked AVX-512 kernels on CPUs; `auto` takes it on CPU for the methods whose step measured faster with it
+    (`Method.cpu_channels_last`, BENCHMARKS.md "cpu-options")."""
+    if cfg.channels_last == "auto":
+        wanted = device.type == "cuda" or (device.type == "cpu" and cfg.method_class().cpu_channels_last)
+    else:
+        wanted = cfg.channels_last == "on"
     return wanted and spatial_dims == 3
 
 
@@ -535,7 +558,7 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = batch.to(device, channels_last)
-                with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
+                with autocast_for(device, cfg.cpu_bf16) if cfg.amp else torch.autocast(device.type, enabled=False):
                     step = model(batch, ctx)
                 optimizer.zero_grad(set_to_none=True)
                 step.loss.backward()

@@ -61,6 +61,8 @@ class Method(nn.Module, ABC):
     recipe: ClassVar[dict[str, Any]] = {}
     # Named presets: each a dict of training-config keys and method parameters (e.g. "la-8").
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Whether `channels_last=auto` takes the channels-last 3D layout on CPU (measured per method: BENCHMARKS.md).
+    cpu_channels_last: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams, spec: NetSpec) -> None:
         super().__init__()

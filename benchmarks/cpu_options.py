@@ -1,0 +1,196 @@
+"""Which CPU speed options pay, per method, and the LA-mini per-iteration time of every method after them.
+
+`options` (default): every method's training step at the LA-mini shape (patch 64x64x32, 8 filters, batch of its
+la-8 preset, synthetic volumes), in the NCDHW layout, in channels-last 3D, and in channels-last with bf16
+autocast (`cpu_bf16`); for UA-MT also with one teacher call per Monte-Carlo pass (`single_pass=false`, the
+official way). Variants are interleaved within each of `--rounds` rounds (A, B, C, A, B, C, ...) and the table
+gives the median over rounds of each variant's mean step time, with the step's GFLOP (flop counter) and GFLOP/s.
+
+`la-mini`: `--iterations` real training iterations of every method at the config of benchmarks/la_mini.py
+(LA downsampled x2, patch 64x64x32, stride 9/9/2, 8 filters, la-8 presets with schedules scaled to the budget, one
+loader worker), through the trainer with its defaults (`channels_last=auto`); s/it is the trainer's own
+`s_per_it` over the second half of the iterations (the first half holds the warm-up).
+
+`inference`: a VNet trained briefly on LA-mini (8 filters, benchmarks/vs_official.py's evaluation model) evaluated
+on `--cases` LA-mini test volumes with the default fp32 path and with the inference options (`fold_bn`,
+`cpu_bf16`, both), interleaved over `--rounds`: seconds per volume and the largest per-case Dice change against fp32
+(the issue's bar for bf16: within 0.1 point).
+
+    python benchmarks/cpu_options.py options --rounds 3 --update-md
+    python benchmarks/cpu_options.py la-mini --iterations 8 --update-md
+    python benchmarks/cpu_options.py inference --cases 4 --rounds 2 --update-md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, markdown_table, stamp, update_section  # noqa: E402
+
+MINI = ["patch_size=64,64,32", "stride=9,9,2", "n_filters=8"]
+VARIANTS = {"NCDHW": ["channels_last=off"], "channels-last": ["channels_last=on"],
+            "channels-last + bf16": ["channels_last=on", "cpu_bf16=true"]}
+SYNTHETIC = "synthetic:n_train=16,n_test=1,shape=72x72x40"
+
+
+def options(methods: list[str], rounds: int, steps: int) -> list[dict]:
+    from speed import measure
+
+    rows = []
+    for method in methods:
+        variants = dict(VARIANTS)
+        if method == "uamt":
+            variants["channels-last, per-pass teacher calls"] = ["channels_last=on", "single_pass=false"]
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        flops: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, sets in variants.items():
+                r = measure(method, SYNTHETIC, steps, 1, 0, "cpu", [*MINI, *sets])
+                times[name].append(r["step_s"])
+                flops[name] = r["gflop_per_step"]
+                print(f"{method} {name}: {r['step_s']:.3f} s", file=sys.stderr, flush=True)
+        med = {v: statistics.median(t) for v, t in times.items()}
+        rows.append({"method": method, "median_s": med, "all_s": times, "gflop": flops})
+    return rows
+
+
+def la_mini(methods: list[str], iterations: int, la: Path, work: Path) -> list[dict]:
+    from la_mini import prepare, scaled_overrides
+
+    from semiseg.config import build_config, parse_set
+    from semiseg.engine.trainer import Trainer
+    from semiseg.methods import get_method
+
+    data = prepare(la, work / "la-mini-data")
+    rows = []
+    for method in methods:
+        preset = "la-8" if "la-8" in get_method(method).presets else None
+        sets = [*MINI, f"checkpoint_every={iterations}", f"log_every={iterations // 2}", "num_workers=1",
+                "device=cpu", *scaled_overrides(method, 1000)]  # the schedules of a 1000-iteration LA-mini run
+        cfg = build_config(method, None, {"data": str(data), "labeled": 8, "iterations": iterations,
+                                          **parse_set(sets)}, preset)
+        out = Path(tempfile.mkdtemp(prefix=f"cpu-options-{method}-", dir=work))
+        Trainer(cfg, out, progress=False).run()
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steady = [r["s_per_it"] for r in records if "s_per_it" in r][-1]
+        summary = json.loads((out / "train_summary.json").read_text())
+        rows.append({"method": method, "iterations": iterations, "s_per_it": steady,
+                     "s_per_it_all": summary["s_per_it"], "peak_mb": summary["peak_memory_mb"]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def inference(cases: int, rounds: int, la: Path, work: Path) -> list[dict]:
+    import time
+
+    import torch
+    from la_mini import prepare
+    from vs_official import EVAL_ITERATIONS, train_eval_model
+
+    from semiseg.config import TrainConfig
+    from semiseg.data import open_dataset
+    from semiseg.engine.checkpoint import load_checkpoint
+    from semiseg.engine.inference import predict_volume
+    from semiseg.engine.metrics import dice
+    from semiseg.engine.trainer import build_method, inference_protocol
+    from semiseg.methods.base import NetSpec
+
+    data = prepare(la, work / "la-mini-data")
+    run = train_eval_model(data, work / "eval-model", EVAL_ITERATIONS)
+    payload = load_checkpoint(run / "checkpoint.pt")
+    cfg = TrainConfig(**payload["config"])
+    method = build_method(cfg, NetSpec(**payload["spec"]), torch.device("cpu"))
+    method.load_state_dict(payload["method"])
+    net = method.inference_network().eval()
+    layout = open_dataset(str(data))
+    volumes = [layout.read_eval(c) for c in layout.test_ids[:cases]]
+    variants = {"fp32 (default)": {}, "fold_bn": {"fold_bn": True}, "cpu_bf16": {"cpu_bf16": True},
+                "fold_bn + cpu_bf16": {"fold_bn": True, "cpu_bf16": True}}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    dices: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, options in variants.items():
+            protocol = inference_protocol(cfg.model_copy(update=options), layout)
+            t0 = time.perf_counter()
+            preds = [predict_volume(net, v.image, protocol, torch.device("cpu")) for v in volumes]
+            seconds[name].append((time.perf_counter() - t0) / len(volumes))
+            dices[name] = [100 * dice(p == 1, v.label == 1) for p, v in zip(preds, volumes, strict=True)]
+            print(f"inference {name}: {seconds[name][-1]:.2f} s/volume", file=sys.stderr, flush=True)
+    base = dices["fp32 (default)"]
+    return [{"variant": name, "s_per_volume": statistics.median(seconds[name]), "all_s": seconds[name],
+             "mean_dice": statistics.mean(dices[name]),
+             "max_abs_dice_change": max(abs(a - b) for a, b in zip(dices[name], base, strict=True))}
+            for name in variants]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="options", choices=["options", "la-mini", "inference"])
+    parser.add_argument("--cases", type=int, default=4, help="inference: LA-mini test volumes")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement, after one warm-up")
+    parser.add_argument("--iterations", type=int, default=8, help="la-mini: training iterations per method")
+    parser.add_argument("--la", type=Path, default=REPO.parent / "shared" / "data" / "LA")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "semiseg-cpu-options")
+    parser.add_argument("--update-md", action="store_true")
+    args = parser.parse_args()
+    from semiseg.methods import available_methods
+
+    methods = args.methods or [m for m in available_methods() if m != "nan_at_three"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = REPO / "benchmarks" / "results"
+    if args.mode == "options":
+        rows = options(methods, args.rounds, args.steps)
+        (results / "cpu_options.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
+        table = []
+        for r in rows:
+            m = r["median_s"]
+            extra = m.get("channels-last, per-pass teacher calls")
+            table.append([r["method"], f"{m['NCDHW']:.3f}", f"{m['channels-last']:.3f}",
+                          f"{m['channels-last + bf16']:.3f}", f"{m['NCDHW'] / m['channels-last']:.2f}x",
+                          f"{m['channels-last'] / m['channels-last + bf16']:.2f}x",
+                          f"{extra:.3f} ({extra / m['channels-last']:.2f}x)" if extra else "-",
+                          f"{r['gflop']['channels-last']:.1f}",
+                          f"{r['gflop']['channels-last'] / m['channels-last']:.0f}"])
+        md = markdown_table(["method", "NCDHW s/step", "channels-last s/step", "CL + bf16 s/step",
+                             "CL speed-up", "bf16 speed-up (on CL)", "UA-MT per-pass teacher calls s/step",
+                             "GFLOP/step", "GFLOP/s (CL, fp32)"], table)
+        print(md)
+        if args.update_md:
+            update_section("cpu-options", f"### CPU options per method, LA-mini shape\n\n{stamp()}\n\nCommand: "
+                           f"`python benchmarks/cpu_options.py options --rounds {args.rounds} --steps {args.steps}`"
+                           f" (median over {args.rounds} interleaved rounds)\n\n{md}\n")
+    elif args.mode == "inference":
+        rows = inference(args.cases, args.rounds, args.la, args.work)
+        (results / "cpu_inference.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
+        base = rows[0]["s_per_volume"]
+        md = markdown_table(["inference path", "s/volume", "speed-up", "mean Dice %", "largest per-case Dice change"],
+                            [[r["variant"], f"{r['s_per_volume']:.2f}", f"{base / r['s_per_volume']:.2f}x",
+                              f"{r['mean_dice']:.2f}", f"{r['max_abs_dice_change']:.3f} points"] for r in rows])
+        print(md)
+        if args.update_md:
+            update_section("cpu-inference", f"### Inference options on CPU, LA-mini volumes\n\n{stamp()}\n\nCommand: "
+                           f"`python benchmarks/cpu_options.py inference --cases {args.cases} --rounds {args.rounds}`"
+                           f" (median over rounds; patch 64x64x32, stride 9/9/2, 8 filters)\n\n{md}\n")
+    else:
+        rows = la_mini(methods, args.iterations, args.la, args.work)
+        (results / "la_mini_speed.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
+        md = markdown_table(["method", "iterations", "s/it (second half)", "s/it (all, with warm-up)", "peak MB"],
+                            [[r["method"], str(r["iterations"]), f"{r['s_per_it']:.3f}", f"{r['s_per_it_all']:.3f}",
+                              f"{r['peak_mb']:.0f}"] for r in rows])
+        print(md)
+        if args.update_md:
+            update_section("speed-la-mini", f"### LA-mini per-iteration time after the CPU speed work\n\n{stamp()}"
+                           f"\n\nCommand: `python benchmarks/cpu_options.py la-mini --iterations {args.iterations}`"
+                           f" (trainer defaults: channels_last=auto, fp32)\n\n{md}\n")
+
+
+if __name__ == "__main__":
+    main()
