@@ -27,7 +27,7 @@ from nifti_helpers import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md")])
-TINY_LA = "synthetic:n_train=10,n_test=2,shape=40x40x32"
+TINY_LA = "synthetic:n_train=18,n_test=2,shape=40x40x32"  # 18: the la-16 presets
 TINY_COMMON = ["--iterations", "2", "--set", "n_filters=4", "--set", "num_workers=0"]
 TINY_PATCH = {"3d": ["--set", "patch_size=32,32,16", "--set", "stride=16,16,8"], "2d": ["--set", "patch_size=32,32"],
               "own": []}  # own data: the window follows its image sizes (16x16x16 here)
@@ -77,7 +77,7 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     la = open_dataset(TINY_LA)
     shutil.copytree(la.root, base / "shared" / "data" / "LA")
     shutil.copytree(la.root, base / "files" / "data" / "LA")  # where `semiseg data download la` puts it
-    write_synthetic_acdc(base / "shared" / "data" / "ACDC", patients=4, shape=(3, 32, 28))
+    write_synthetic_acdc(base / "shared" / "data" / "ACDC", patients=8, shape=(3, 32, 28))  # 8: acdc-7
     files = base / "files"
     own = make_dataset(files / "MyData", n_labeled=10, n_unlabeled=1, n_test=2)
     prepare(own)
@@ -99,6 +99,8 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _sandbox(stand_ins: Path, page: str) -> Path:
     cwd = stand_ins / f"cwd-{page}"
     shutil.copytree(stand_ins / "files", cwd)
+    # commands the pages run from the repository root use its committed fixtures (an official CAML checkpoint)
+    shutil.copytree(REPO / "tests" / "golden" / "official", cwd / "tests" / "golden" / "official")
     return cwd
 
 

@@ -27,6 +27,8 @@ class UAMTParams(MeanTeacherParams):
     threshold_rampup: int | None = None
     """Length in iterations of the threshold ramp; None = the whole run (SSL4MIS `max_iterations`)."""
     two_class_constants: bool = True
+    """Official quirk: the entropy threshold uses ln 2 and the consistency divides by 2 whatever the class count;
+    False uses ln K and K for K classes."""
     single_pass: bool = False
     """True: the target pass and the T/R Monte-Carlo passes as one batched teacher call whose BatchNorms keep each
     pass's own statistics (`nets.batched`): the official maths with fewer, larger convolutions, (T+1)x the teacher's
