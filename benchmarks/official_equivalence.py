@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from golden_step import (  # noqa: E402
     KeyedDropout,
     build_semiseg,
+    default_dtype,
     inputs,
     key_of_official_module,
     network_step,
@@ -284,8 +285,11 @@ def compare_mean_teacher_step(args: argparse.Namespace) -> tuple[list[dict[str, 
 
 def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str, Any], mapping: dict[str, str],
                  scalars: dict[str, float], titles: dict[str, str], grads: dict[str, torch.Tensor],
-                 states: dict[str, dict[str, torch.Tensor]], ramp: list[float]) -> tuple[list[dict], dict]:
-    """Rows and fixture of a whole-update comparison: scalar terms, gradients, weights after, the ramp."""
+                 states: dict[str, dict[str, torch.Tensor]], ramp: list[float],
+                 schedules: dict[str, list[float]] | None = None) -> tuple[list[dict], dict]:
+    """Rows and fixture of a whole-update comparison: scalar terms, gradients, weights after, the ramp, and any
+    further per-update schedule over the whole recipe (`schedules`, e.g. the learning rate or a threshold; semiseg's
+    values in `ours["schedules"]`)."""
     inverse = {m: o for o, m in mapping.items()}
     rows = [_row(titles[key], torch.tensor(value, dtype=torch.float64),
                  torch.tensor(ours["scalars"][key], dtype=torch.float64)) for key, value in scalars.items()]
@@ -301,7 +305,11 @@ def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str
                          torch.cat([v.flatten() for v in ours[part].values()])))
     rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
                      torch.tensor(ours["ramp"], dtype=torch.float64)))
-    meta = {"method": args.method, "step": "method", "dims": 3, "size": args.size, "batch": 4,
+    for name, values in (schedules or {}).items():
+        rows.append(_row(f"{name}, updates 1-{len(values)}", torch.tensor(values, dtype=torch.float64),
+                         torch.tensor(ours["schedules"][name], dtype=torch.float64)))
+    meta = {"method": args.method, "step": "method", "dims": args.dims, "size": args.size,
+            "batch": ours.get("batch", 4),
             "n_filters": args.n_filters, "seed": args.seed, "iteration": args.iteration, "official_repo": repo,
             "official_commit": args.official_commit or _git(root),
             "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}",
@@ -310,7 +318,7 @@ def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str
                          "grad_norms": {m: grads[inverse[m]].double().norm().item() for m in ours["grads"]},
                          **{f"{part}_norms": {m: official[inverse[m]].double().norm().item() for m in ours[part]}
                             for part, official in states.items()},
-                         "ramp": ramp}}
+                         "ramp": ramp, "schedules": schedules or {}}}
     return rows, meta
 
 
@@ -369,9 +377,28 @@ def compare_mcnet_step(args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
                         {"student": dict(model.named_parameters())}, ramp)
 
 
+BUILT_IN_STEPS = {"mean_teacher": compare_mean_teacher_step, "uamt": compare_mean_teacher_step,
+                  "mcnet": compare_mcnet_step, "mcnet_plus": compare_mcnet_step}
+
+
+def _whole_update(method: str) -> Callable[[argparse.Namespace], tuple[list[dict], dict]] | None:
+    """The whole-update comparison of `method`: built in above, or `benchmarks/official_step_METHOD.py:compare`."""
+    if method in BUILT_IN_STEPS:
+        return BUILT_IN_STEPS[method]
+    if not (Path(__file__).parent / f"official_step_{method}.py").exists():
+        return None
+    sys.path.insert(0, str(Path(__file__).parent))
+    return importlib.import_module(f"official_step_{method}").compare
+
+
+def _steps_available() -> set[str]:
+    return set(BUILT_IN_STEPS) | {p.stem.removeprefix("official_step_")
+                                  for p in Path(__file__).parent.glob("official_step_*.py")}
+
+
 def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(f"{meta['method']} ({meta['dims']}D, {meta['batch']} x {meta['size']}^{meta['dims']}, "
-          f"n_filters {meta['n_filters']}) vs {meta['official_repo']}@{meta['official_commit'][:10]}, "
+          f"n_filters {meta['n_filters']}, {meta['dtype']}) vs {meta['official_repo']}@{meta['official_commit'][:10]}, "
           f"{meta['date']}")
     print("| term | official | semiseg | abs diff | rel diff | verdict |")
     print("|---|---|---|---|---|---|")
@@ -391,27 +418,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-filters", type=int, default=4, help="3D base filters (the 2D UNets are fixed)")
     parser.add_argument("--classes", type=int, default=None, help="default 2 in 3D, 4 in 2D")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="both codes' dtype (float64, the fixtures' choice, is free of rounding noise; float32 "
+                             "shows the agreement at training precision)")
     parser.add_argument("--write-fixture", action="store_true", help="save tests/golden/NAME.json")
     parser.add_argument("--step", choices=("network", "method"), default="network",
-                        help="method: the whole official training update (mean_teacher, uamt, mcnet, mcnet_plus)")
+                        help="method: the whole official training update (every method with a comparison: see "
+                             "BUILT_IN_STEPS and benchmarks/official_step_*.py)")
     parser.add_argument("--iteration", type=int, default=1000, help="--step method: the 1-based update")
     args = parser.parse_args(argv)
     args.classes = args.classes or (2 if args.dims == 3 else 4)
+    with default_dtype(args.dtype):
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.step == "method":
-        steps = {"mean_teacher": compare_mean_teacher_step, "uamt": compare_mean_teacher_step,
-                 "mcnet": compare_mcnet_step,
-                 "mcnet_plus": compare_mcnet_step}
-        if args.method not in steps:
-            parser.error(f"--step method is implemented for {', '.join(steps)} so far")
-        rows, meta = steps[args.method](args)
+        step = _whole_update(args.method)
+        if step is None:
+            parser.error(f"--step method is implemented for {', '.join(sorted(_steps_available()))} so far")
+        rows, meta = step(args)
+        meta["dtype"] = args.dtype
         print_table(rows, meta)
         if args.write_fixture:
-            path = REPO / "tests" / "golden" / "steps" / f"{args.method}.json"
+            name = args.method if args.dims == 3 else f"{args.method}_{args.dims}d"
+            path = REPO / "tests" / "golden" / "steps" / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(meta, indent=1) + "\n")
             print(f"fixture: {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} KiB)")
         return 0 if all(r["verdict"] == "equal" for r in rows) else 1
     rows, meta = compare(args)
+    meta["dtype"] = args.dtype
     print_table(rows, meta)
     if args.write_fixture:
         name = args.method if args.dims == 3 else f"{args.method}_2d"

@@ -8,13 +8,14 @@ modules' order of operations or the key mapping makes one of these fail.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from golden_step import build_semiseg, inputs, network_step, seeded_weights, summarize_output
+from golden_step import build_semiseg, default_dtype, inputs, network_step, seeded_weights, summarize_output
 from semiseg.official import key_map, official_layout
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -49,6 +50,11 @@ def test_official_keys_map_one_to_one(path: Path) -> None:
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
 def test_network_step_matches_official(path: Path) -> None:
     fx = json.loads(path.read_text())
+    with default_dtype(fx.get("dtype", "float32")):
+        _check_network_step(fx)
+
+
+def _check_network_step(fx: dict) -> None:
     torch.manual_seed(fx["seed"])
     _, target = build_semiseg(fx["method"], fx["dims"], fx["n_filters"], fx["classes"])
     target.load_state_dict(seeded_weights(target, fx["seed"]))
@@ -83,15 +89,22 @@ STEPS = sorted((GOLDEN / "steps").glob("*.json"))
 @pytest.mark.parametrize("path", STEPS, ids=[p.stem for p in STEPS])
 def test_whole_update_matches_official(path: Path) -> None:
     """The whole update of the official training script (losses, ramp, SGD step, EMA update where there is one)."""
+    fx = json.loads(path.read_text())
+    with default_dtype(fx.get("dtype", "float32")):
+        _check_whole_update(fx)
+
+
+def _check_whole_update(fx: dict) -> None:
     from golden_step import mcnet_step, mean_teacher_step
 
-    fx = json.loads(path.read_text())
     want = fx["official"]
     if fx["method"] in ("mean_teacher", "uamt"):
         res = mean_teacher_step(fx["n_filters"], fx["size"], fx["seed"], fx["iteration"], fx["method"],
                                 30000 if fx["method"] == "uamt" else 6000)
-    else:
+    elif fx["method"] in ("mcnet", "mcnet_plus"):
         res = mcnet_step(fx["method"], fx["n_filters"], fx["size"], fx["seed"], fx["iteration"])
+    else:  # tests/golden_step_METHOD.py: semiseg's side of benchmarks/official_step_METHOD.py
+        res = importlib.import_module(f"golden_step_{fx['method']}").semiseg_update(fx)
     for key, value in want["scalars"].items():
         _close(value, res["scalars"][key], value, key)
     top = max(want["grad_norms"].values())
@@ -101,3 +114,5 @@ def test_whole_update_matches_official(path: Path) -> None:
         for key, norm in want.get(f"{part}_norms", {}).items():
             _close(norm, res[part][key].double().norm().item(), norm, f"{part} {key}")
     assert res["ramp"] == pytest.approx(want["ramp"], rel=1e-12, abs=1e-15)
+    for name, values in want.get("schedules", {}).items():  # learning rate, thresholds, ... over the recipe
+        assert res["schedules"][name] == pytest.approx(values, rel=1e-12, abs=1e-15), name
