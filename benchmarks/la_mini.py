@@ -103,7 +103,20 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
             "n_filters": n_filters, "seed": seed, "val": val, "curve": save_curve(out) if val else "",
             "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
             "asd": m["asd"]["mean"], "train_wall_s": train_wall, "wall_s": wall, "s_per_it": train_wall / iterations,
-            "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
+            "peak_mb": train["peak_memory_mb"], "overrides": " ".join(_as_run(sets, out))}
+
+
+def _as_run(sets: list[str], run: Path) -> list[str]:
+    """The overrides with the values the run folder's config holds: a run resumed by a later call with other
+    options (say `--val-every`) keeps those it started with, and the row says so."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    values = {**cfg.get("params", {}), **cfg}
+    out = []
+    for item in sets:
+        key = item.split("=", 1)[0]
+        value = values.get(key, item.split("=", 1)[1])
+        out.append(f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return out
 
 
 def main() -> None:
