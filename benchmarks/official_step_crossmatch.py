@@ -415,7 +415,12 @@ def official_schedules(root: Path, fx: dict[str, Any]) -> dict[str, list[float]]
         lr = [base * (1 - (k - 1) / 17000) ** 0.9 for k in range(1, n + 1)]
         tau = [0.75] + [(0.75 + (1 - 0.75) * ramps.sigmoid_rampup(k - 2, 17000)) * np.log(2) for k in range(2, n + 1)]
         return {"learning rate": lr, "confidence threshold": [float(t) for t in tau]}
-    epoch, epochs, base = 103, 300, 0.01  # acdc-3: len(trainloader_u) = 103 on one GPU, configs/acdc.yaml
+    import yaml
+
+    cfg = yaml.safe_load((root / "ACDC/configs/acdc.yaml").read_text())
+    unlabeled = (root / "ACDC/splits/acdc/3/unlabeled.txt").read_text().splitlines()
+    # len(trainloader_u) on one GPU (drop_last): 103 for acdc-3
+    epoch, epochs, base = len(unlabeled) // cfg["batch_size"], cfg["epochs"], cfg["lr"]
     total = epoch * epochs
     # `iters = epoch * len(trainloader_u) + i` sets the rate after the step of update iters + 1
     lr = [base] + [base * (1 - (k - 2) / total) ** 0.9 for k in range(2, total + 1)]
@@ -433,14 +438,19 @@ def _mask_rows(official: list[tuple], ours: list[tuple], title: str = "") -> lis
     return rows
 
 
+def official_threshold(rec: _Recorder, fx: dict[str, Any], k: int) -> float:
+    """The threshold update k's losses used: LA updates `conf_thresh` after the loss (update k uses the value
+    set by update k - 1, `--conf_thresh` at the first); ACDC keeps it fixed."""
+    if fx["dims"] == 3:
+        return rec.updates[k - 2]["thresh_after"] if k > 1 else 0.75
+    return float(rec.updates[k - 1]["frame"]["conf_thresh"])
+
+
 def official_scalars(rec: _Recorder, fx: dict[str, Any]) -> dict[str, float]:
     last = rec.updates[-1]
     calls = dict(zip(OFFICIAL_ORDER, last["calls"]))
     f = last["frame"]
-    if fx["dims"] == 3:  # conf_thresh is updated after the loss: update k used the value set by update k - 1
-        threshold = rec.updates[-2]["thresh_after"] if len(rec.updates) > 1 else 0.75
-    else:
-        threshold = float(f["conf_thresh"])
+    threshold = official_threshold(rec, fx, len(rec.updates))
     terms = {name: float(calls[name][0]) for name in TERMS}
     f = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in f.items()}
     scalars = {"loss_x": float(f["loss_x"]),
@@ -470,7 +480,13 @@ def compare(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     modes = [float(u["modes"][0]) for u in rec.updates]
     ours["schedules"] = schedules(fx, full=True) | {"mix teacher in train mode (in-place run)":
                                                     [float(m) for m in ours["mix_teacher_train"]]}
-    schedules_in = full | {"mix teacher in train mode (in-place run)": modes}
+    thresholds = [official_threshold(rec, fx, k) for k in range(1, len(rec.updates) + 1)]
+    in_place = {"mix teacher in train mode (in-place run)": modes,
+                "learning rate (in-place run)": [u["lr"] for u in rec.updates],
+                "confidence threshold (in-place run)": thresholds}
+    ours["schedules"] |= {"learning rate (in-place run)": ours["lrs"],
+                          "confidence threshold (in-place run)": ours["thresholds"]}
+    schedules_in = full | in_place
     ours["ramp"] = []
     mapping = key_map(list(rec.net.state_dict()), "crossmatch", args.dims)
     rows, meta = _step_report(args, "AiEson/CrossMatch", root, ours, mapping, scalars, titles,

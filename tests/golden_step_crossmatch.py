@@ -259,7 +259,8 @@ def run_updates(fx: dict[str, Any], mix_teacher_eval: bool = True) -> dict[str, 
              for name, (_, target, valid) in zip(TERMS[1:], last["calls"][1:])}
     return {"method": method, "grads": grads, "scalars": scalars, "masks": masks,
             "calls": last["calls"], "student": {k: v.detach() for k, v in net.named_parameters()},
-            "mix_teacher_train": [u["mix_teacher_train"] for u in per_update], "batch": 3 * c["batch"]}
+            "mix_teacher_train": [u["mix_teacher_train"] for u in per_update], "batch": 3 * c["batch"],
+            "lrs": [u["lr"] for u in per_update], "thresholds": [float(u["tau"]) for u in per_update]}
 
 
 def sampled(values: list[float], every: int) -> list[float]:
@@ -307,6 +308,8 @@ def semiseg_update(fx: dict[str, Any]) -> dict[str, Any]:
     res = dict(cached_update(fx))
     res["ramp"] = []
     res["schedules"] = schedules(fx) | {"mix teacher in train mode (in-place run)":
-                                        [float(m) for m in res["mix_teacher_train"]]}
+                                        [float(m) for m in res["mix_teacher_train"]],
+                                        "learning rate (in-place run)": res["lrs"],
+                                        "confidence threshold (in-place run)": res["thresholds"]}
     return res
 

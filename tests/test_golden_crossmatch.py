@@ -58,3 +58,16 @@ def test_la_preset_schedules_are_the_official_prefix() -> None:
                        full=True)
     for key, values in preset.items():
         assert len(values) == 14000 and values == official[key][:14000], key
+
+
+def test_losses_keep_float64_and_upcast_half_precision() -> None:
+    """The comparison runs in float64: CrossMatch's softmax, Dice and CE must not round float64 logits to float32
+    (they upcast only autocast's bf16 / fp16)."""
+    import torch
+
+    from semiseg.methods.crossmatch import at_least_float32, confidence
+
+    logits = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    assert confidence(logits)[0].dtype == torch.float64
+    assert at_least_float32(logits.bfloat16()).dtype == torch.float32
+    assert at_least_float32(logits.float()).dtype == torch.float32
