@@ -87,6 +87,8 @@ class _Stop(Exception):
 
 
 class _Patches(ExitStack):
+    """Every patch of the official run, undone in reverse order on exit."""
+
     def set(self, obj: Any, name: str, value: Any) -> None:
         self.enter_context(mock.patch.object(obj, name, value))
 
@@ -98,6 +100,7 @@ class _Patches(ExitStack):
 
 
 def _purge() -> None:
+    """Forget the official packages (each repository has its own `networks`, `utils`, ...)."""
     for name in list(sys.modules):
         if name.split(".")[0] in OFFICIAL_PACKAGES:
             del sys.modules[name]

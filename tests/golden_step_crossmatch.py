@@ -2,8 +2,8 @@
 
 Everything random is a function of the seed and shared with the official run: the weights (`seeded_weights`,
 the output convolution scaled by `logit_scale` so that a fair share of the voxels passes the confidence
-threshold), the inputs of every update (`case`: labelled images and labels, u_w, the mix batch, their strong
-views, made once with semiseg's strong augmentation, and the CutMix boxes, fed to both sides as tensors), the
+threshold), the inputs of every update (`case`: labelled images and labels, u_w, the mix batch, stand-ins for
+their strong views and the CutMix boxes, fed to both sides as tensors), the
 network's own dropout (`StepDropout`, keyed by the semiseg module name and counted in train mode only, so the
 official end-of-epoch validation does not shift the masks) and the feature perturbation (`FeatureDropout`,
 keyed by the rate and the pyramid level, i.e. the channel count, in both codes' call order).
@@ -95,38 +95,43 @@ def weights(module: nn.Module, seed: int, logit_scale: float) -> dict[str, torch
     return state
 
 
-def _seed(*parts: object) -> int:
-    return zlib.crc32(":".join(map(str, parts)).encode())
+def _views(g: torch.Generator, images: torch.Tensor, unit_range: bool) -> torch.Tensor:
+    """Stand-ins for strong views: per-sample gain U(0.7, 1.3), offset U(-0.1, 0.1) and 0.05 Gaussian noise
+    (clipped to [0, 1] for 2D images). Made here, not by semiseg's augmentation, so that a change there does not
+    change the fixture's inputs (the views reach both codes as tensors anyway)."""
+    n, extra = len(images), [1] * (images.ndim - 1)
+    gain = 0.7 + 0.6 * torch.rand(n, *extra, generator=g, dtype=torch.float64)
+    offset = 0.2 * torch.rand(n, *extra, generator=g, dtype=torch.float64) - 0.1
+    out = images.double() * gain + offset + 0.05 * torch.randn(images.shape, generator=g, dtype=torch.float64)
+    return (out.clamp(0, 1) if unit_range else out).to(images.dtype)
+
+
+def _boxes(g: torch.Generator, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """One box per sample, sides U{s/4 .. s/2} and position uniform on every axis."""
+    boxes = torch.zeros(n, *shape)
+    for box in boxes:
+        region = []
+        for s in shape:
+            side = int(torch.randint(s // 4, s // 2 + 1, (1,), generator=g))
+            start = int(torch.randint(0, s - side + 1, (1,), generator=g))
+            region.append(slice(start, start + side))
+        box[tuple(region)] = 1
+    return boxes
 
 
 def case(dims: int, size: int, batch: int, classes: int, seed: int, updates: int) -> list[dict[str, torch.Tensor]]:
     """The inputs of every update: x, y (labelled), u_w, u_mix (semiseg's unlabelled stream before its own 8-bit
-    quantisation in 2D), the strong views s1, s2, s1_mix, s2_mix and the boxes box1, box2 (and the mix
-    stream's unused box1_mix, box2_mix), every box present (p = 1)."""
-    from semiseg.methods._augment import (
-        cutmix_boxes_2d,
-        cutmix_boxes_3d,
-        quantise_8bit,
-        strong_augment_2d,
-        strong_augment_3d,
-    )
-
+    quantisation in 2D), the strong views s1, s2, s1_mix, s2_mix and the boxes box1, box2 (and the mix stream's
+    unused box1_mix, box2_mix); a function of the seed alone."""
     dtype, shape, out = torch.get_default_dtype(), (size,) * dims, []
     for k in range(1, updates + 1):
         g = _generator(seed, "crossmatch-case", k)
-        draw = (torch.rand if dims == 2 else torch.randn)
+        draw = torch.rand if dims == 2 else torch.randn
         x, u_w, u_mix = (draw(batch, 1, *shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
         y = torch.randint(0, classes, (batch, *shape), generator=g)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(seed, "crossmatch-views", k))
-            if dims == 3:
-                views = strong_augment_3d(torch.cat([u_w, u_w, u_mix, u_mix]))
-                boxes = cutmix_boxes_3d(4 * batch, shape, torch.device("cpu"), 1.0, swapped_axes=True)
-            else:
-                views = strong_augment_2d(quantise_8bit(torch.cat([u_w, u_w, u_mix, u_mix])))
-                boxes = cutmix_boxes_2d(4 * batch, shape, torch.device("cpu"), 1.0)
-        s1, s2, s1_mix, s2_mix = views.to(dtype).split(batch)
-        box1, box2, box1_mix, box2_mix = boxes.to(dtype).split(batch)
+        views = _views(g, torch.cat([u_w, u_w, u_mix, u_mix]), dims == 2)
+        s1, s2, s1_mix, s2_mix = views.split(batch)
+        box1, box2, box1_mix, box2_mix = _boxes(g, 4 * batch, shape).to(dtype).split(batch)
         out.append({"x": x, "y": y, "u_w": u_w, "u_mix": u_mix, "s1": s1, "s2": s2, "s1_mix": s1_mix,
                     "s2_mix": s2_mix, "box1": box1, "box2": box2, "box1_mix": box1_mix, "box2_mix": box2_mix})
     return out
