@@ -441,8 +441,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         rows, meta = step(args)
         meta["dtype"] = args.dtype
         print_table(rows, meta)
-        if args.write_fixture:
-            name = args.method if args.dims == 3 else f"{args.method}_{args.dims}d"
+        if args.write_fixture:  # a method with several fixtures (e.g. one per stage) names each in meta
+            name = meta.get("fixture") or (args.method if args.dims == 3 else f"{args.method}_{args.dims}d")
             path = REPO / "tests" / "golden" / "steps" / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(meta, indent=1) + "\n")
