@@ -15,6 +15,7 @@ without DDP's `module.` prefix) so that it loads into the semiseg network that a
 | mcnet_plus | ycwu1997/MC-Net | `networks.VNet.MCNet3d_v2` | `method.net` |
 | bcp | DeepMed-Lab-ECNU/BCP | `networks.VNet.VNet` | `method.net` |
 | mean_teacher, uamt | HiLab-git/SSL4MIS | `networks.vnet.VNet` | `method.net` |
+| cps (3D / 2D) | HiLab-git/SSL4MIS | `networks.vnet.VNet` / `networks.unet.UNet` (`model1`) | `method.net1` |
 
 Renaming rules. VNet family: `block_X.conv.i` -> `block_X.i`, `block_X_dw.conv.i` -> `down_X.i`,
 `block_X_up.conv.i` -> `up_X.i`; the official `encoder` / `decoderK` become `encoder` / `decoders.K-1`
@@ -75,6 +76,8 @@ LAYOUTS: dict[tuple[str, int], OfficialLayout] = {
                                ("projection_head.", "prediction_head.", "contrastive_class_selector")),
     ("mean_teacher", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
     ("uamt", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
+    ("cps", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net1"),
+    ("cps", 2): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/unet.py:UNet", "unet2d", "net1"),
 }
 
 
