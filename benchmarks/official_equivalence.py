@@ -304,8 +304,9 @@ def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str
         name = names.get(part, f"{part} after the step")
         rows.append(_row(name, torch.cat([official[inverse[m]].detach().flatten() for m in ours[part]]),
                          torch.cat([v.flatten() for v in ours[part].values()])))
-    rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
-                     torch.tensor(ours["ramp"], dtype=torch.float64)))
+    if ramp:  # empty for a method without a ramp (UniMatch)
+        rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
+                         torch.tensor(ours["ramp"], dtype=torch.float64)))
     for name, values in (schedules or {}).items():
         rows.append(_row(f"{name}, updates 1-{len(values)}", torch.tensor(values, dtype=torch.float64),
                          torch.tensor(ours["schedules"][name], dtype=torch.float64)))

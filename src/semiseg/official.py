@@ -16,6 +16,7 @@ without DDP's `module.` prefix) so that it loads into the semiseg network that a
 | bcp | DeepMed-Lab-ECNU/BCP | `networks.VNet.VNet` | `method.net` |
 | mean_teacher, uamt | HiLab-git/SSL4MIS | `networks.vnet.VNet` | `method.net` |
 | cps (3D / 2D) | HiLab-git/SSL4MIS | `networks.vnet.VNet` / `networks.unet.UNet` (`model1`) | `method.net1` |
+| unimatch (2D) | LiheYoung/UniMatch | `more-scenarios/medical/model/unet.UNet` | `method.net.net` |
 
 Renaming rules. VNet family: `block_X.conv.i` -> `block_X.i`, `block_X_dw.conv.i` -> `down_X.i`,
 `block_X_up.conv.i` -> `up_X.i`; the official `encoder` / `decoderK` become `encoder` / `decoders.K-1`
@@ -78,6 +79,8 @@ LAYOUTS: dict[tuple[str, int], OfficialLayout] = {
     ("uamt", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
     ("cps", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net1"),
     ("cps", 2): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/unet.py:UNet", "unet2d", "net1"),
+    ("unimatch", 2): OfficialLayout("LiheYoung/UniMatch", "more-scenarios/medical/model/unet.py:UNet", "unet2d",
+                                    "net.net"),
 }
 
 
