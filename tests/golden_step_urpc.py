@@ -2,8 +2,9 @@
 
 The `la-8` preset gives every hyper-parameter; semiseg's `PyramidVNet` (the official `unet_3D_dv_semi` is a 3D
 UNet with no semiseg counterpart, so both sides run this network: docs/methods/urpc.md) with `seeded_weights`,
-keyed dropout, 2 labelled + 2 unlabelled seeded inputs; one SGD step at the preset's learning rate of update
-`iteration`.
+keyed dropout, 2 labelled + 2 unlabelled seeded inputs with 3 classes (the official script hard-codes
+`num_classes = 3`, its GTV data; URPC's loss is class-count agnostic); one SGD step at the preset's learning rate
+of update `iteration`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from golden_step import inputs, install_dropout, seeded_weights
 
+CLASSES = 3
 SCHEDULE_EVERY = 10
 """The fixture stores the ramp and the learning rate at updates 1, 11, 21, ...; the table compares every one."""
 
@@ -25,7 +27,7 @@ def build(fx: dict[str, Any]) -> tuple[Any, Any]:
     from semiseg.methods.base import NetSpec
 
     cfg = build_config("urpc", None, {"n_filters": fx["n_filters"], "device": "cpu", **fx.get("set", {})}, "la-8")
-    method = build_method(cfg, NetSpec(1, 2, 3, cfg.n_filters), torch.device("cpu"))
+    method = build_method(cfg, NetSpec(1, CLASSES, 3, cfg.n_filters), torch.device("cpu"))
     method.net.load_state_dict(seeded_weights(method.net, fx["seed"]))
     install_dropout(method.net, fx["seed"])
     return cfg, method
@@ -39,7 +41,7 @@ def semiseg_update(fx: dict[str, Any], every: int | None = None) -> dict[str, An
     every = fx.get("schedule_every", SCHEDULE_EVERY) if every is None else every
     k = fx["iteration"]
     cfg, method = build(fx)
-    x, label = inputs(3, fx["size"], 4, 2, fx["seed"])
+    x, label = inputs(3, fx["size"], 4, CLASSES, fx["seed"])
     method.train()
     ctx = StepContext(k, cfg.iterations)
     out = method.train_step(Batch(x[:2], label[:2], x[2:], torch.arange(2)), ctx)
