@@ -28,6 +28,9 @@ blocks under `encoder.`, the rest under `decoder.`. CAML: `encoder1`/`decoder1` 
 `decoder.upN` -> `decoder.ups.N-1`. Official modules that no semiseg loss uses (BCP's projection heads and
 contrastive class selectors) are dropped, and named in `OfficialLayout.ignored`.
 
+URPC has no entry: its official network (SSL4MIS `unet_3D_dv_semi`) is a 3D UNet with no semiseg counterpart
+(semiseg's URPC pyramid is on the VNet; docs/methods/urpc.md); UniMatch has no official 3D network.
+
 The official code has no licence for CAML, MLRPL and UA-MT: nothing of it is here, only the key names.
 """
 
