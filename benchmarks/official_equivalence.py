@@ -301,9 +301,10 @@ def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str
     rows += [_row(f"grad {m}", a, b, top) for m, a, b in worst[:5]]
     names = {"student": "weights after SGD step", "teacher": "EMA teacher after update"}
     for part, official in states.items():
-        rows.append(_row(names[part], torch.cat([official[inverse[m]].detach().flatten() for m in ours[part]]),
+        name = names.get(part, f"{part} after the step")
+        rows.append(_row(name, torch.cat([official[inverse[m]].detach().flatten() for m in ours[part]]),
                          torch.cat([v.flatten() for v in ours[part].values()])))
-    if ramp:  # a method without a consistency ramp (CrossMatch) passes []
+    if ramp:  # a method without a consistency ramp (CrossMatch, UniMatch) passes []
         rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
                          torch.tensor(ours["ramp"], dtype=torch.float64)))
     for name, values in (schedules or {}).items():

@@ -15,6 +15,8 @@ without DDP's `module.` prefix) so that it loads into the semiseg network that a
 | mcnet_plus | ycwu1997/MC-Net | `networks.VNet.MCNet3d_v2` | `method.net` |
 | bcp | DeepMed-Lab-ECNU/BCP | `networks.VNet.VNet` | `method.net` |
 | mean_teacher, uamt | HiLab-git/SSL4MIS | `networks.vnet.VNet` | `method.net` |
+| cps (3D / 2D) | HiLab-git/SSL4MIS | `networks.vnet.VNet` / `networks.unet.UNet` (`model1`) | `method.net1` |
+| unimatch (2D) | LiheYoung/UniMatch | `more-scenarios/medical/model/unet.UNet` | `method.net.net` |
 
 Renaming rules. VNet family: `block_X.conv.i` -> `block_X.i`, `block_X_dw.conv.i` -> `down_X.i`,
 `block_X_up.conv.i` -> `up_X.i`; the official `encoder` / `decoderK` become `encoder` / `decoders.K-1`
@@ -25,6 +27,9 @@ blocks under `encoder.`, the rest under `decoder.`. CAML: `encoder1`/`decoder1` 
 `fc2`), heads 2 -> `*_a`. 2D UNet: `conv_conv.` is dropped, `encoder.downN.maxpool_conv` -> `encoder.downs.N-1`,
 `decoder.upN` -> `decoder.ups.N-1`. Official modules that no semiseg loss uses (BCP's projection heads and
 contrastive class selectors) are dropped, and named in `OfficialLayout.ignored`.
+
+URPC has no entry: its official network (SSL4MIS `unet_3D_dv_semi`) is a 3D UNet with no semiseg counterpart
+(semiseg's URPC pyramid is on the VNet; docs/methods/urpc.md); UniMatch has no official 3D network.
 
 The official code has no licence for CAML, MLRPL and UA-MT: nothing of it is here, only the key names.
 """
@@ -75,6 +80,10 @@ LAYOUTS: dict[tuple[str, int], OfficialLayout] = {
                                ("projection_head.", "prediction_head.", "contrastive_class_selector")),
     ("mean_teacher", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
     ("uamt", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
+    ("cps", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net1"),
+    ("cps", 2): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/unet.py:UNet", "unet2d", "net1"),
+    ("unimatch", 2): OfficialLayout("LiheYoung/UniMatch", "more-scenarios/medical/model/unet.py:UNet", "unet2d",
+                                    "net.net"),
 }
 
 
