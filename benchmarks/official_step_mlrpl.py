@@ -1,6 +1,6 @@
 """The whole MLRPL update of the official `code/train_Mutual_Reliable.py`, run in place, against semiseg's.
 
-    python benchmarks/official_equivalence.py --method mlrpl --step method --iteration 6000 \
+    python benchmarks/official_equivalence.py --method mlrpl --step method --iteration 6000 --seed 1 \
         --official /tmp/official/MLRPL --official-commit 5ca2d87c2ae470f7fc53d6235c34ada6da10bda5 \
         --official-variant 4489dac336cf34ede27c1bda45cf4717ff8c49ca=/tmp/official/MLRPL-4489dac [--write-fixture]
 
@@ -35,7 +35,10 @@ Quirk Q1: the official HEAD (5ca2d87) feeds the student's logits to the pseudo-l
 must be equal), then semiseg's default `probs` with HEAD (only the pseudo-label CE terms and what follows from them
 differ), then, with `--official-variant COMMIT=PATH` (a checkout of 4489dac), the first upload with the default
 `probs` (equal again). Both codes run in float64; semiseg computes probabilities and reliability weights in float32
-by design (autocast-safe), which is the 1e-7 level of some differences.
+by design (autocast-safe), which is the 1e-7 level of some differences. Update 6000 is the first at which beta = 1.
+Seed 1 (not 0) because its case is far from ties: the smallest entropy gap between the decoders is 1.5e-6 and the
+smallest |p_fg - 0.5| 0.037 (seed 0: 5e-7 and 7e-6), ten times semiseg's float32 rounding of the entropies
+(1.5e-7), so the voxel counts of the masks stay exact on any CPU; the script prints both margins.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import shutil
 import sys
 import tempfile
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,7 +79,7 @@ TITLES = {"supervised": "supervised: sum of decoder Dice losses", "pseudo": "pse
           "weight": "consistency weight beta", "loss": "total loss",
           **{f"pseudo_{d}": f"pseudo-label term L{d[0]}<-{d[1]}" for d in DIRECTIONS},
           **{f"mask_{d}": f"entropy mask {d[0]}<-{d[1]} (voxels)" for d in DIRECTIONS},
-          **{f"prototypes_{d}": f"prototypes {d[0]}<-{d[1]} (sum |q|)" for d in DIRECTIONS},
+          **{f"prototypes_{d}": f"prototypes {d[0]}<-{d[1]} (sum of absolute entries)" for d in DIRECTIONS},
           **{f"similarity_{d}": f"similarity map {d[0]}<-{d[1]} (sum)" for d in DIRECTIONS},
           **{f"reliability_{d}": f"reliability weight {d[0]}<-{d[1]} (sum)" for d in DIRECTIONS}}
 # Scalars that do not depend on the pseudo-label CE input (quirk Q1): equal for semiseg's default too.
@@ -255,7 +259,9 @@ def run_official(root: Path, builder: Callable[[Any], Callable[..., nn.Module]],
             os.chdir(work)
             sys.argv = [script, *ARGV]
             root_logger.setLevel(logging.WARNING)
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(_Stop), warnings.catch_warnings():
+                # its log line formats tensors that carry a graph: torch warns, the update is unaffected
+                warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
                 runpy.run_path(script, run_name="__main__")
                 raise RuntimeError("the official script ended without an optimiser step")
     finally:
@@ -283,6 +289,7 @@ def run_official(root: Path, builder: Callable[[Any], Callable[..., nn.Module]],
 
 def official_update(root: Path, ours: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One update of the script on semiseg's seeded weights, batch and dropout masks."""
+    from semiseg.methods.mlrpl import uncertainty
     from semiseg.official import key_map
 
     reference = seeded_weights(ours["method"].net, args.seed)
@@ -317,6 +324,10 @@ def official_update(root: Path, ours: dict[str, Any], args: argparse.Namespace) 
         model = g["model"]
         result["grads"] = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
         result["lr"] = [group["lr"] for group in optimizer.param_groups]
+        probs = g["y_all"].detach()
+        entropy = [uncertainty(q) for q in probs]
+        result["margins"] = {"entropy_gap": (entropy[0] - entropy[1]).abs().min().item(),
+                             "foreground_vs_half": (probs[:, :, 1] - 0.5).abs().min().item()}
         step()
         result["after"] = {k: p.detach().clone() for k, p in model.named_parameters()}
         result.update(supervised=_value(g["loss_seg_dice"]), pseudo=_value(g["loss_consist"]),
@@ -336,7 +347,8 @@ def official_update(root: Path, ours: dict[str, Any], args: argparse.Namespace) 
         tensors.update({f"{k}_{d}": rec[k] for k in ("mask", "prototypes", "similarity", "reliability")})
     scalars.update(summaries(tensors))
     return {"scalars": scalars, "tensors": tensors, "grads": result["grads"], "after": result["after"],
-            "model": nets[0], "ce_input": {rec["ce_input"] for rec in directions}, "lr": result["lr"]}
+            "model": nets[0], "ce_input": {rec["ce_input"] for rec in directions}, "lr": result["lr"],
+            "margins": result["margins"]}
 
 
 class _TwoVoxelNet(nn.Module):
@@ -420,7 +432,13 @@ def compare(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         row["verdict"] = row["verdict"] if row["rel"] <= TOL else Q1
         rows.append(row)
     meta.update(pseudo_ce_input="logits", official_script=SCRIPT, official_argv=ARGV,
-                official_ce_input="logits (outputs[i])", ramp_epoch_patched_to=k // 150)
+                official_ce_input="logits (outputs[i])", ramp_epoch_patched_to=k // 150,
+                # How far the case is from a tie, in the official float64 probabilities: the smallest entropy gap
+                # between the decoders (a mask flips below it) and the smallest |p_fg - 0.5| (a pseudo-label
+                # flips); semiseg's float32 probabilities move entropies by about 1.5e-7.
+                margins=head["margins"])
+    print(f"margins of the case: smallest entropy gap {head['margins']['entropy_gap']:.3g}, smallest |p_fg - 0.5| "
+          f"{head['margins']['foreground_vs_half']:.3g}")
     if getattr(args, "official_variant", None):
         commit, _, path = args.official_variant.partition("=")
         first = official_update(Path(path), probs, args)
