@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="method: the whole official training update (every method with a comparison: see "
                              "BUILT_IN_STEPS and benchmarks/official_step_*.py)")
     parser.add_argument("--iteration", type=int, default=1000, help="--step method: the 1-based update")
+    parser.add_argument("--official-variant", default=None, metavar="COMMIT=PATH",
+                        help="--step method: a checkout of another official commit that the method's comparison "
+                             "also runs (mlrpl: the first upload, quirk Q1)")
     args = parser.parse_args(argv)
     args.classes = args.classes or (2 if args.dims == 3 else 4)
     with default_dtype(args.dtype):
@@ -448,7 +451,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(meta, indent=1) + "\n")
             print(f"fixture: {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} KiB)")
-        return 0 if all(r["verdict"] == "equal" for r in rows) else 1
+        return 0 if all(r["verdict"] != "DIFFERS" for r in rows) else 1  # or a verdict naming a quirk
     rows, meta = compare(args)
     meta["dtype"] = args.dtype
     print_table(rows, meta)
