@@ -62,13 +62,13 @@ def test_report_states_the_verdict_against_the_official_peak() -> None:
               "official_cases": cases, "official_empty": [], "semiseg_cases": cases, "rtol": lean.RTOL,
               "strides_asked": {"stride_xy": 18, "stride_z": 4}, "strides_used": {"stride_xy": 56, "stride_z": 40},
               "comparison": lean.compare_cases(cases, cases)}
-    text = lean.official_markdown(result, 1150.0)
+    text = lean.official_markdown(result, {"model.pt": 1150.0})
     assert "**Target met**" in text and "18/4" in text and "56/40" in text
-    result["semiseg"]["peak_mib"] = 2500.0
-    assert "**Target not met**" in lean.official_markdown(result, 1150.0)
-    result["semiseg"]["peak_mib"] = 1100.0
+    assert "1150 MiB (model.pt, table above, -850)" in text
+    over = lean.official_markdown(result, {"model.pt": 2100.0})
+    assert "**Target not met**" in over and "+100" in over
     result["comparison"] = lean.compare_cases(cases, {"A": [0.5, 0.8, 5.0, 1.5]})
-    assert "metrics differ" in lean.official_markdown(result, 1150.0)
+    assert "metrics differ" in lean.official_markdown(result, {"model.pt": 1150.0})
 
 
 def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
