@@ -2,6 +2,7 @@
 
     python benchmarks/official_caml_test.py export RUN CAML_CHECKOUT DATA SCRATCH
     python benchmarks/official_caml_test.py test CAML_CHECKOUT SCRATCH STRIDE_XY STRIDE_Z
+    python benchmarks/official_caml_test.py semiseg WINDOWS evaluate RUN ...
 
 Used by `lean_artifacts.py --official-caml`, which runs each step in its own process and reads the peak resident
 set of the `test` process (that of the official script alone). The official code has no licence: it is imported and
@@ -24,6 +25,10 @@ and `test_single_case_first_output` to count the cases (an empty prediction is s
 Everything else is the official script: it loads the whole file, scores one window at a time, writes the prediction,
 score map, image and label of every case as NIfTI (its `save_result=True`). The last stdout line is a JSON object:
 the per-case metrics in test-list order, the strides the script asked for and the ones used.
+
+`semiseg WINDOWS ARGS` (measured): `semiseg ARGS` with at most WINDOWS windows per forward pass on CPU instead of
+`semiseg.engine.model_file.CPU_WINDOWS` (2), as the official script's one window at a time: what the activation
+memory of semiseg's window batch costs on top of the rest of its evaluation. The labels do not depend on it.
 """
 
 from __future__ import annotations
@@ -121,7 +126,19 @@ def test(checkout: Path, scratch: Path, stride_xy: int, stride_z: int) -> dict[s
             "strides_used": {"stride_xy": stride_xy, "stride_z": stride_z}}
 
 
+def semiseg_with_windows(windows: int, args: list[str]) -> None:
+    import semiseg.engine.model_file as model_file
+    from semiseg.cli import main as cli
+
+    model_file.CPU_WINDOWS = windows
+    sys.argv = ["semiseg", *args]
+    cli()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["semiseg"]:  # the CLI's own options follow: no argparse here
+        semiseg_with_windows(int(sys.argv[2]), sys.argv[3:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
     e = sub.add_parser("export")

@@ -67,6 +67,10 @@ def test_report_states_the_verdict_against_the_official_peak() -> None:
     assert "1150 MiB (model.pt, table above, -850)" in text
     over = lean.official_markdown(result, {"model.pt": 2100.0})
     assert "**Target not met**" in over and "+100" in over
+    result["one_window"] = {"peak_mib": 1500.0, "wall_s": 6.0, "identical": True}
+    single = lean.official_markdown(result, {"model.pt": 2100.0})
+    assert "1 window per forward pass | 1500" in single and "1500 MiB (-500), per-case metrics identical: target met" \
+        in single
     result["comparison"] = lean.compare_cases(cases, {"A": [0.5, 0.8, 5.0, 1.5]})
     assert "metrics differ" in lean.official_markdown(result, {"model.pt": 1150.0})
 
