@@ -606,7 +606,8 @@ def main() -> None:
         print(eval_table, flush=True)
     suffix = ("-memory" if args.memory_only else "") + (f"-{args.tag}" if args.tag else "")
     out = REPO / "benchmarks" / "results" / f"vs_official{suffix}.json"
-    out.write_text(json.dumps({"stamp": stamp(), "steps": raw, "eval": eval_raw}, indent=1))
+    run_stamp = stamp()  # before the result file is written: its commit is the code's, not "+dirty"
+    out.write_text(json.dumps({"stamp": run_stamp, "steps": raw, "eval": eval_raw}, indent=1))
     print(table)
     if args.update_md:
         cmd = (f"python benchmarks/vs_official.py --official-root DIR --settings {' '.join(chosen)} --sizes "
@@ -615,11 +616,11 @@ def main() -> None:
                + (f" --tag {args.tag}" if args.tag else "") + (" --memory-only" if args.memory_only else ""))
         if args.memory_only:
             update_section(f"vs-official{suffix}", f"### Peak memory of one training step, official code vs semiseg "
-                           f"(CPU){suffix.removeprefix('-memory')}\n\n{stamp()}\n\nCommand: `{cmd}`\n\n"
+                           f"(CPU){suffix.removeprefix('-memory')}\n\n{run_stamp}\n\nCommand: `{cmd}`\n\n"
                            f"{MEMORY_NOTE}\n\n{table}\n\n{eval_table}\n")
             return
         update_section(f"vs-official{suffix}", f"### One training step, official code vs semiseg (CPU){suffix}\n\n"
-                       f"{stamp()} Load average (1 min) at the start / end: {load_start:.1f} / "
+                       f"{run_stamp} Load average (1 min) at the start / end: {load_start:.1f} / "
                        f"{os.getloadavg()[0]:.1f}.\n\n"
                        f"Command: `{cmd}` (interleaved: official, semiseg, official, ...)\n\n{table}\n\n{eval_table}\n")
 
