@@ -197,6 +197,29 @@ def map_official_state(state: Mapping[str, torch.Tensor], method: str, spatial_d
     return mapped
 
 
+def to_official_state(state: Mapping[str, torch.Tensor], official_keys: list[str], method: str,
+                      spatial_dims: int, source: str = "semiseg network") -> dict[str, torch.Tensor]:
+    """The inverse of `map_official_state`: semiseg's `state` (of `OfficialLayout.target`) under the official keys,
+    so that the official code can load semiseg's weights (e.g. its test script, run beside `semiseg evaluate`).
+
+    `official_keys` are the official network's `state_dict` keys (they name what the official file holds); every
+    one must map to a distinct key of `state` and every key of `state` must be used."""
+    mapping = key_map(official_keys, method, spatial_dims)
+    unmapped = [k for k in official_keys if k not in mapping]
+    if unmapped:
+        raise CheckpointError(f"{source}: official keys {unmapped[:3]} have no semiseg counterpart "
+                              f"({len(unmapped)} in all); the official file would miss them")
+    if len(set(mapping.values())) != len(mapping):
+        raise CheckpointError(f"{source}: two official keys map to one semiseg key; the mapping is not invertible")
+    missing = [k for k in mapping.values() if k not in state]
+    extra = [k for k in state if k not in set(mapping.values())]
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unused {extra[:3]}"
+        raise CheckpointError(f"{source}: does not fit the official {method} network ({what}, {len(missing)} "
+                              f"missing, {len(extra)} unused keys)")
+    return {official: state[ours] for official, ours in mapping.items()}
+
+
 def target_module(method: Method) -> torch.nn.Module:
     layout = official_layout(method.name, method.spec.spatial_dims)
     module: torch.nn.Module = method
