@@ -76,7 +76,7 @@ def caml_updates(n_filters: int, size: int, seed: int, iteration: int, num_filte
         out = method(Batch(x[:2], label[:2], x[2:], idx[:2]), ctx)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        grads = {k: p.grad.detach().clone() for k, p in method.net.named_parameters()}
+        grads = {k: p.grad.detach().clone() for k, p in method.net.named_parameters() if p.grad is not None}
         optimizer.step()
         method.after_step(ctx)
         logs, tag = out.logs, f"_{j + 1}"
