@@ -139,6 +139,14 @@ def test_masked_batchnorm_equals_batchnorm_on_the_selected_rows() -> None:
     assert torch.equal(head.bn.running_mean, before)
 
 
+def test_heads_run_in_at_least_float32() -> None:
+    """bf16 activations (autocast) reach the heads in float32; a float64 run (the golden fixtures) stays float64."""
+    head = FeatureHead(6, 8).train()
+    assert head(torch.randn(10, 6).bfloat16()).dtype == torch.float32
+    head64 = FeatureHead(6, 8).double().train()
+    assert head64(torch.randn(10, 6, dtype=torch.float64), torch.rand(10) > 0.3).dtype == torch.float64
+
+
 def _probs(logit: torch.Tensor) -> torch.Tensor:
     return torch.stack([1 - logit.sigmoid(), logit.sigmoid()], 1)
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..data.loader import Batch
 from ..engine.losses import binary_dice_loss, dice_ce_loss, sharpen
 from ..engine.schedules import sigmoid_rampup
-from ..nets.caml import CAMLNet, CAMLOutput
+from ..nets.caml import CAMLNet, CAMLOutput, at_least_float32
 from . import register
 from .base import Method, MethodParams, NetSpec, StepContext, StepOutput
 
@@ -118,7 +118,7 @@ class CAML(Method):
     def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         p = self.params
         out = self.net(batch.images)
-        prob_v, prob_a = out.seg_v.float().softmax(1), out.seg_a.float().softmax(1)
+        prob_v, prob_a = at_least_float32(out.seg_v).softmax(1), at_least_float32(out.seg_a).softmax(1)
         sup = self.supervised_loss(out, prob_v, prob_a, batch)
         mutual = self.mutual_loss(prob_v, prob_a)
         occ, occ_rows = self.occ_loss(out, prob_v, prob_a, batch, ctx.n_labeled_cases)
@@ -135,7 +135,8 @@ class CAML(Method):
         """Sum over f_v and f_a of the loss on the labelled samples."""
         n, label = batch.n_labeled, batch.label_labeled
         if self.params.sup_loss == "dice_ce":
-            return dice_ce_loss(out.seg_v[:n].float(), label) + dice_ce_loss(out.seg_a[:n].float(), label)
+            return (dice_ce_loss(at_least_float32(out.seg_v[:n]), label)
+                    + dice_ce_loss(at_least_float32(out.seg_a[:n]), label))
         return binary_dice_loss(prob_v[:n, 1], label) + binary_dice_loss(prob_a[:n, 1], label)
 
     def mutual_loss(self, prob_v: torch.Tensor, prob_a: torch.Tensor) -> torch.Tensor:
@@ -151,15 +152,16 @@ class CAML(Method):
         n = batch.n_labeled
         confidence_v, pred_v = prob_v.detach().max(1)
         pred_a = prob_a.detach().argmax(1)
-        with torch.autocast(out.emb_v.device.type, enabled=False):
-            self.update_memory(out.emb_v[:n].float(), out.emb_a[:n].float(), pred_v[:n], pred_a[:n],
-                               batch.label_labeled, batch.index_labeled, n_slots)
+        emb_v, emb_a = at_least_float32(out.emb_v), at_least_float32(out.emb_a)
+        with torch.autocast(emb_v.device.type, enabled=False):
+            self.update_memory(emb_v[:n], emb_a[:n], pred_v[:n], pred_a[:n], batch.label_labeled,
+                               batch.index_labeled, n_slots)
             memory, memory_ok = self.sample_memory()
             if len(batch.image_unlabeled) == 0:
                 zero = prob_v.new_zeros(())
                 return zero, zero
-            return self.correlation_loss(out.emb_v[n:].float(), out.emb_a[n:].float(), confidence_v[n:], pred_v[n:],
-                                         pred_a[n:], memory, memory_ok)
+            return self.correlation_loss(emb_v[n:], emb_a[n:], confidence_v[n:], pred_v[n:], pred_a[n:], memory,
+                                         memory_ok)
 
     @torch.no_grad()
     def update_memory(self, emb_v: torch.Tensor, emb_a: torch.Tensor, pred_v: torch.Tensor, pred_a: torch.Tensor,

@@ -17,6 +17,12 @@ from .blocks import Norm
 from .vnet import VNet
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations (bf16 / fp16 autocast) upcast to float32, float32 and float64 kept: the heads
+    and OCC never run in half precision, and a float64 run (the golden fixtures) stays float64 throughout."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class CrossSampleAttention(nn.Module):
     """CMA: intra-sample then inter-sample self-attention on x4, two post-norm Transformer layers.
 
@@ -50,7 +56,7 @@ class FeatureHead(nn.Module):
     selected rows: a fixed-size row tensor then gives exactly BatchNorm over the selected rows alone,
     without the host sync that boolean indexing would cost. `running_stats=True` normalises with the
     running statistics whatever the mode (the official code projects labelled features in eval mode).
-    Statistics are computed in float32.
+    Statistics are computed in at least float32.
     """
 
     def __init__(self, in_dim: int, dim: int) -> None:
@@ -62,7 +68,7 @@ class FeatureHead(nn.Module):
     def forward(self, rows: torch.Tensor, row_mask: torch.Tensor | None = None, running_stats: bool = False,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """`keep` (row indices) gathers the rows to output before the last layer, saving its cost on the rest."""
-        rows = rows.float()
+        rows = at_least_float32(rows)
         bn = self.bn
         if running_stats or not self.training:
             # Eval-mode BatchNorm is affine: folded into fc1, one pass over the rows.
