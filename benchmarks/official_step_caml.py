@@ -43,7 +43,6 @@ rate (the script never changes the optimiser's rate: constant `--base_lr`, check
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import random
@@ -60,6 +59,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inplace import patched, purge_modules  # noqa: E402
 from official_equivalence import _install_official_dropout, _row, _step_report  # noqa: E402 (puts tests/ on the path)
 
 from golden_step_caml import (  # noqa: E402
@@ -115,22 +115,6 @@ def _stand_ins() -> list[str]:
     return made
 
 
-def _purge_official_modules() -> None:
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("networks", "utils", "dataloaders"):
-            del sys.modules[name]
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 def run_official(root: Path, n_filters: int, size: int, seed: int, iteration: int, num_filtered: int,
                  weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The official script's updates on the case; `weights` in semiseg's layout."""
@@ -154,7 +138,7 @@ def run_official(root: Path, n_filters: int, size: int, seed: int, iteration: in
             frame = frame.f_back
         return frame.f_globals
 
-    _purge_official_modules()
+    purge_modules(("networks", "utils", "dataloaders"))
     made = _stand_ins()
     sys.path.insert(0, str(code))
     import dataloaders.dataset as dataset
@@ -199,7 +183,7 @@ def run_official(root: Path, n_filters: int, size: int, seed: int, iteration: in
                 assert len(population) == len(class_keys)
                 return class_keys.topk(k).indices.tolist()
 
-            with _patched(feature_memory, "random", types.SimpleNamespace(sample=sample)):
+            with patched(feature_memory, "random", types.SimpleNamespace(sample=sample)):
                 return super().sample_labeled_features(num_sampled_per_cls)
 
     class StandInDataset:
@@ -283,7 +267,7 @@ def run_official(root: Path, n_filters: int, size: int, seed: int, iteration: in
         torch.set_rng_state(saved[5])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[6], saved[7]
         sys.path.remove(str(code))
-        _purge_official_modules()
+        purge_modules(("networks", "utils", "dataloaders"))
         for name in made:
             del sys.modules[name]
     return record

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from inplace import purge_modules  # noqa: E402
 from official_equivalence import _install_official_dropout, _row, _step_report  # noqa: E402
 
 from golden_step_crossmatch import (  # noqa: E402
@@ -100,10 +101,7 @@ class _Patches(ExitStack):
 
 
 def _purge() -> None:
-    """Forget the official packages (each repository has its own `networks`, `utils`, ...)."""
-    for name in list(sys.modules):
-        if name.split(".")[0] in OFFICIAL_PACKAGES:
-            del sys.modules[name]
+    purge_modules(OFFICIAL_PACKAGES)
 
 
 def _stand_in(name: str) -> types.ModuleType:

@@ -65,6 +65,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inplace import patched, purge_modules  # noqa: E402
 from official_equivalence import TOL, _install_official_dropout, _row, _step_report  # noqa: E402
 
 from golden_step import inputs, seeded_weights  # noqa: E402
@@ -199,22 +200,6 @@ def _stubs() -> dict[str, types.ModuleType]:
     return out
 
 
-def _purge() -> None:
-    for name in list(sys.modules):
-        if name.split(".")[0] in PACKAGES:
-            del sys.modules[name]
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 def run_official(root: Path, builder: Callable[[Any], Callable[..., nn.Module]], batch: dict[str, torch.Tensor],
                  on_step: Callable[..., None], on_ce: Callable[..., None] | None = None,
                  ramp_epoch: int | None = None) -> None:
@@ -229,7 +214,7 @@ def run_official(root: Path, builder: Callable[[Any], Callable[..., nn.Module]],
     root_logger = logging.getLogger()
     handlers, level = list(root_logger.handlers), root_logger.level
     real_makedirs, real_copytree = os.makedirs, shutil.copytree
-    _purge()
+    purge_modules(PACKAGES)
     sys.modules.update(_stubs())
     sys.path.insert(0, code)
     try:
@@ -252,7 +237,7 @@ def run_official(root: Path, builder: Callable[[Any], Callable[..., nn.Module]],
             if ramp_epoch is not None:
                 patches.append((ramps, "sigmoid_rampup", lambda current, length: real_ramp(ramp_epoch, length)))
             for obj, name, value in patches:
-                stack.enter_context(_patched(obj, name, value))
+                stack.enter_context(patched(obj, name, value))
             _RecordingSGD.hook, _RecordingSGD.script, _RecordingCE.hook = on_step, script, on_ce
             work = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "a" / "b"
             work.mkdir(parents=True)
@@ -269,7 +254,7 @@ def run_official(root: Path, builder: Callable[[Any], Callable[..., nn.Module]],
         os.chdir(cwd)
         sys.argv = argv
         sys.path.remove(code)
-        _purge()
+        purge_modules(PACKAGES)
         for name, module in saved_modules.items():
             if module is None:
                 sys.modules.pop(name, None)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from inplace import patched
 from torch import nn
 
 _PACKAGES = ("networks", "utils", "dataloaders", "val_3D", "val_urpc_util", "model", "util")
@@ -78,16 +79,6 @@ class _Progress:
 _OPTIONAL = ("tensorboardX", "torchvision", "torchvision.transforms", "torchvision.utils", "tqdm", "SimpleITK",
              "medpy", "medpy.metric", "batchgenerators", "batchgenerators.augmentations",
              "batchgenerators.augmentations.utils")
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 class _OneBatch:
@@ -176,7 +167,7 @@ def run(code: Path, script: str, argv: list[str], batch: dict[str, torch.Tensor]
                     (torch.utils.data, "DataLoader", _OneBatch(batch)), (factory_module, factory[1], network),
                     (torch.optim, "SGD", RecordingSGD), (shutil, "copytree", lambda *a, **k: None),
                     (ramps, "sigmoid_rampup", lambda current, length: real_ramp(ramp_epoch, length))):
-                stack.enter_context(_patched(obj, name, value))
+                stack.enter_context(patched(obj, name, value))
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     runpy.run_path(str(code / script), run_name="__main__")
