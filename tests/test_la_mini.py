@@ -83,6 +83,10 @@ def test_calibration_finds_the_first_budget_where_all_labels_beat_8_on_every_see
     assert [r["iteration"] for r in table] == [150, 300, 450, 600]
     assert [r["passes"] for r in table] == [False, False, True, True]
     assert table[1]["gap"] == pytest.approx(5.0) and not table[1]["passes"]
+    # trailing 3-point means: at 450 the 72-label seeds average (0.4, low + 0.05, high), not above every 8-label
+    # seed; at 600 (low + 0.05, high, high): gap (5 + 2 x 17) / 3 = 13
+    assert table[3]["gap_smoothed"] == pytest.approx(13.0) and table[3]["passes_smoothed"]
+    assert not table[2]["passes_smoothed"]
     text = la_mini.render_calibration()
     assert "passes at every later point from **450** iterations" in text
     # seeds in numeric order: 2, 3, 1337
