@@ -119,6 +119,9 @@ def semiseg_outputs(method: str) -> Callable[[nn.Module, torch.Tensor], list[tor
             return list(net(x))
         if method in ("mlrpl", "mcnet", "mcnet_plus"):
             return [logits for logits, _ in net.forward_all(x)]
+        if method == "dtc":  # the official order: (tanh level set, segmentation logit)
+            logit, sdf = net.forward_both(x)
+            return [sdf, logit]
         return [net(x)]
     return run
 
