@@ -151,6 +151,18 @@ def network_step(net: nn.Module, outputs: Callable | None, x: torch.Tensor, labe
             "buffers": buffers, "checksums": checksums}
 
 
+def run_length(values: list[float]) -> list[float]:
+    """[v1, n1, v2, n2, ...]: a per-update schedule in a fixture without one number per update (a step or
+    ramp schedule over 15,000 updates has a few dozen distinct values)."""
+    out: list[float] = []
+    for v in values:
+        if out and out[-2] == v:
+            out[-1] += 1
+        else:
+            out += [v, 1]
+    return out
+
+
 def summarize_output(t: torch.Tensor, n: int = 64) -> dict[str, Any]:
     """Shape, sums, max |.| and `n` values at fixed positions: enough to pin an output down, small to store."""
     flat = t.detach().double().flatten()
