@@ -7,7 +7,7 @@ The script runs with its own defaults (`runpy`, `benchmarks/official_inplace.py`
 recorded `SGD.step`). Aligned: the network class `networks.vnet_sdf.VNet` has its `__init__` wrapped so that
 the script's own constructor call builds it with `--n-filters` base filters (the script uses the default 16; the
 layout is the same), loads `golden_step.seeded_weights` of semiseg's `SDFVNet` through `semiseg.official.key_map`,
-and gets keyed dropout (the same channel masks as semiseg's); the loader yields `golden_step_dtc.batch` (2 labelled + 2
+and gets keyed dropout (the same channel masks as semiseg's); the loader yields `golden_step.ball_batch` (2 labelled + 2
 unlabelled, ball-shaped labels); the iteration counter `iter_num` is set to K - 1 before the loop body runs, so
 the body is update K (ramp at `iter_num // 150`); nothing else is touched. The learning rate is the one the
 script's optimiser holds at that step (its base rate: the counter jump does not replay the decays, which the
@@ -57,13 +57,13 @@ class _TinyNet(nn.Module):
 
 
 def compare(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from golden_step import run_length, seeded_weights
-    from golden_step_dtc import batch, build, semiseg_update
+    from golden_step import ball_batch, run_length, seeded_weights
+    from golden_step_dtc import build, semiseg_update
     from semiseg.official import key_map
 
     root, k, seed = Path(args.official), args.iteration, args.seed
     script = root / SCRIPT
-    x, label = batch(args.size, seed)
+    x, label = ball_batch(args.size, seed)
     built: list[nn.Module] = []
     mapping: dict[str, str] = {}
     weights: dict[str, torch.Tensor] = {}
@@ -98,7 +98,7 @@ def compare(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     grads = {by_id[i]: g for i, g in recorder.grads[0].items()}
 
     schedule = Recorder(keep_grads=False, locals_kept=("consistency_weight",))
-    tiny_x, tiny_label = batch(8, seed)
+    tiny_x, tiny_label = ball_batch(8, seed)
     run(script, [], [{"image": tiny_x, "label": tiny_label}] * 6000, 40, schedule, patches=_tiny_network)
     ramp = [float(f["consistency_weight"]) for f in schedule.frame_locals]
 

@@ -151,6 +151,17 @@ def network_step(net: nn.Module, outputs: Callable | None, x: torch.Tensor, labe
             "buffers": buffers, "checksums": checksums}
 
 
+def ball_batch(size: int, seed: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [n, 1, S, S, S] and one foreground ball per volume [n, S, S, S] (int64)."""
+    x, _ = inputs(3, size, n, 2, seed)
+    g = _generator(seed, "balls")
+    centre = size * (0.3 + 0.4 * torch.rand(n, 3, generator=g, dtype=torch.float64))
+    radius = size * (0.15 + 0.15 * torch.rand(n, generator=g, dtype=torch.float64))
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 3, indexing="ij"))
+    dist = ((grid.unsqueeze(0) - centre.view(n, 3, 1, 1, 1)) ** 2).sum(1).sqrt()
+    return x, (dist < radius.view(n, 1, 1, 1)).long()
+
+
 def run_length(values: list[float]) -> list[float]:
     """[v1, n1, v2, n2, ...]: a per-update schedule in a fixture without one number per update (a step or
     ramp schedule over 15,000 updates has a few dozen distinct values)."""

@@ -1,7 +1,7 @@
 """semiseg's side of the whole DTC update (`benchmarks/official_step_dtc.py` runs the official one).
 
 The case: seeded weights (`golden_step.seeded_weights`) in semiseg's layout, keyed dropout, the inputs of
-`golden_step.inputs` with ball-shaped labels (so the signed distance map has a range of values), update
+`golden_step.ball_batch` (ball-shaped labels so the signed distance map has a range of values), update
 `fx["iteration"]` of the `la-16` preset, SGD at the learning rate the official step used (`fx["lr_at_step"]`).
 """
 
@@ -11,18 +11,7 @@ from typing import Any
 
 import torch
 
-from golden_step import _generator, inputs, install_dropout, run_length, seeded_weights
-
-
-def batch(size: int, seed: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [n, 1, S, S, S] and one foreground ball per volume [n, S, S, S] (int64)."""
-    x, _ = inputs(3, size, n, 2, seed)
-    g = _generator(seed, "balls")
-    centre = size * (0.3 + 0.4 * torch.rand(n, 3, generator=g, dtype=torch.float64))
-    radius = size * (0.15 + 0.15 * torch.rand(n, generator=g, dtype=torch.float64))
-    grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 3, indexing="ij"))
-    dist = ((grid.unsqueeze(0) - centre.view(n, 3, 1, 1, 1)) ** 2).sum(1).sqrt()
-    return x, (dist < radius.view(n, 1, 1, 1)).long()
+from golden_step import ball_batch, install_dropout, run_length, seeded_weights
 
 
 def build(fx: dict[str, Any]) -> Any:
@@ -43,7 +32,7 @@ def semiseg_update(fx: dict[str, Any]) -> dict[str, Any]:
     from semiseg.methods.base import StepContext
 
     method, cfg = build(fx)
-    x, label = batch(fx["size"], fx["seed"])
+    x, label = ball_batch(fx["size"], fx["seed"])
     method.train()
     ctx = StepContext(fx["iteration"], cfg.iterations)
     out = method.train_step(Batch(x[:2], label[:2], x[2:], torch.arange(2)), ctx)
