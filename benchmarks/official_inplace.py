@@ -14,7 +14,8 @@ and restored afterwards:
 - `torch.optim.SGD.step`: records each parameter's gradient, the learning rate and the locals of the frame that
   called it (loss terms, ramp weight), then steps;
 - imports the update never reads (tensorboardX, tqdm, torchvision, medpy, pandas, cv2: logging, progress bars,
-  image grids, CSV logs, validation metrics) are stand-in modules when they are not installed.
+  image grids, CSV logs, validation metrics) are stand-in modules when they are not installed, and
+  `torch.utils.tensorboard` always is.
 
 Everything else (the caller's own patches of the network class or the dataset class in the script's imported
 modules) goes through `patch`. `run` returns the locals of every frame of the script's files that the stop
@@ -108,7 +109,8 @@ def _stand_ins() -> dict[str, types.ModuleType]:
     module("medpy", metric=metric)
     module("pandas", DataFrame=_Anything)
     module("cv2")
-    return {name: mod for name, mod in modules.items() if not _installed(name)}
+    # torch's own SummaryWriter would write event files into the deleted working folder at exit: always a stand-in.
+    return {name: mod for name, mod in modules.items() if name == "torch.utils.tensorboard" or not _installed(name)}
 
 
 def _module_attribute(name: str) -> type[_Anything]:

@@ -174,6 +174,12 @@ def run_length(values: list[float]) -> list[float]:
     return out
 
 
+def sampled(values: list[float]) -> list[float]:
+    """Updates 1-5, then every 10th (10, 20, ...): a smooth per-update schedule (poly) in a fixture; a lag of one
+    update shows at every sample."""
+    return values[:5] + values[9::10]
+
+
 def summarize_output(t: torch.Tensor, n: int = 64) -> dict[str, Any]:
     """Shape, sums, max |.| and `n` values at fixed positions: enough to pin an output down, small to store."""
     flat = t.detach().double().flatten()
