@@ -113,7 +113,10 @@ def compare(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
                               {"learning rate": schedule.lr})
     meta["lr_at_step"] = lr_at_step
     meta["script"] = SCRIPT
-    meta["official"]["schedules"] = {"learning rate (value, run length)": run_length(schedule.lr)}
+    # Fixture size: the ramp and the step rate run-length encoded (the table above compares every update).
+    meta["official"].update(ramp=run_length(ramp),
+                            schedules={"learning rate (value, run length)": run_length(schedule.lr)})
+    meta["ramp_encoding"] = "run length"
     return rows, meta
 
 

@@ -48,7 +48,8 @@ def semiseg_update(fx: dict[str, Any]) -> dict[str, Any]:
                "loss": float(out.loss.detach())}
     total = cfg.iterations
     lr = [learning_rate(cfg, t) for t in range(1, total + 1)]
+    ramp = [method.consistency_weight(StepContext(t, total)) for t in range(1, total + 1)]
     return {"method": method, "x": x, "label": label, "grads": grads, "scalars": scalars,
             "student": {k: p.detach() for k, p in method.net.named_parameters()},
-            "ramp": [method.consistency_weight(StepContext(t, total)) for t in range(1, total + 1)],
+            "ramp": run_length(ramp) if fx.get("ramp_encoding") == "run length" else ramp,
             "schedules": {"learning rate": lr, "learning rate (value, run length)": run_length(lr)}}
