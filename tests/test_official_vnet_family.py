@@ -60,3 +60,23 @@ def test_ssnet_checkpoint_loads_the_vnet_and_ignores_the_heads(tmp_path: Path) -
     load_official_checkpoint(path, method)
     assert torch.equal(method.net.decoder.out_conv.weight, state["decoder.out_conv.weight"])
     assert all(torch.equal(v, method.projection_head.state_dict()[k]) for k, v in heads.items())
+
+
+def test_ssnet_background_selectors_stay_out_of_the_update_as_in_the_official_code() -> None:
+    """Only correct foreground voxels fill the official memory, so the background selectors never get a gradient
+    and SGD (weight decay, momentum) leaves them alone; with `background_prototypes` they take part."""
+    from golden_step import ball_batch
+    from semiseg.data.loader import Batch
+    from semiseg.methods.base import StepContext
+
+    x, label = ball_batch(16, 0)
+    for background, used in ((False, False), (True, True)):
+        cls = get_method("ssnet")
+        torch.manual_seed(0)
+        method = cls(cls.Params(background_prototypes=background), NetSpec(1, 2, 3, 4))
+        method.train()
+        out = method.train_step(Batch(x[:2], label[:2], x[2:], torch.arange(2)), StepContext(2500, 15000))
+        out.loss.backward()
+        for selectors in (method.feature_selectors, method.memory_selectors):
+            assert all((p.grad is not None) == used for p in selectors[0].parameters())
+            assert all(p.grad is not None for p in selectors[1].parameters())
