@@ -103,7 +103,20 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
             "n_filters": n_filters, "seed": seed, "val": val, "curve": save_curve(out) if val else "",
             "dice": m["dice"]["mean"], "jaccard": m["jaccard"]["mean"], "hd95": m["hd95"]["mean"],
             "asd": m["asd"]["mean"], "train_wall_s": train_wall, "wall_s": wall, "s_per_it": train_wall / iterations,
-            "peak_mb": train["peak_memory_mb"], "overrides": " ".join(sets)}
+            "peak_mb": train["peak_memory_mb"], "overrides": " ".join(_as_run(sets, out))}
+
+
+def _as_run(sets: list[str], run: Path) -> list[str]:
+    """The overrides with the values the run folder's config holds: a run resumed by a later call with other
+    options (say `--val-every`) keeps those it started with, and the row says so."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    values = {**cfg.get("params", {}), **cfg}
+    out = []
+    for item in sets:
+        key = item.split("=", 1)[0]
+        value = values.get(key, item.split("=", 1)[1])
+        out.append(f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return out
 
 
 def main() -> None:
@@ -338,8 +351,45 @@ def render_calibration() -> str:
                 f"{n_high}-label seed above every 8-label seed. {verdict}\n\n" + markdown_table(
                     ["iteration", "8 labels mean ± std", "each seed", f"{n_high} labels mean ± std", "each seed",
                      "gap", "separated", "verdict"], rows))
+    test = test_calibration(read_rows())
+    if test:
+        n_high = test[0]["n_high"]
+        rows = [[str(r["iteration"]), " ".join(map(str, r["seeds"])), _ms(r["low"]),
+                 " / ".join(f"{v:.1f}" for v in r["low"]), _ms(r["high"]), " / ".join(f"{v:.1f}" for v in r["high"]),
+                 f"{r['gap']:+.1f}", "yes" if r["separated"] else "no", "**pass**" if r["passes"] else "fail"]
+                for r in test]
+        body += (f"\n\nThe same criterion on the **test** Dice (the 20 cases of test.list) of the last checkpoint "
+                 f"of each finished run, labelled-only with 8 and {n_high} labels (the figure every ranking row "
+                 "reports; it chooses no checkpoint of any method, it says whether the benchmark resolves its own "
+                 "bounds at that budget):\n\n" + markdown_table(
+                     ["iterations", "seeds", "8 labels mean ± std", "each seed", f"{n_high} labels mean ± std",
+                      "each seed", "gap", "separated", "verdict"], rows))
     update_section("la-mini-calibration", body + "\n")
     return body
+
+
+def test_calibration(rows: list[dict[str, str]], low: int = 8) -> list[dict]:
+    """Per budget: the calibration criterion on the test Dice of the finished labelled-only runs of the calibrated
+    protocol (`--val`), 8 labels against the most labels, over the seeds both have."""
+    groups: dict[int, dict[int, dict[int, float]]] = {}
+    for row in rows:
+        if row["method"] == "supervised" and row["variant"] == "recipe" and int(row.get("val") or 0) > 0:
+            groups.setdefault(int(row["iterations"]), {}).setdefault(int(row["labeled"]), {})[int(row["seed"])] = \
+                100 * float(row["dice"])
+    table = []
+    for iterations, by_labels in sorted(groups.items()):
+        if low not in by_labels or len(by_labels) < 2:
+            continue
+        high = max(by_labels)
+        seeds = sorted(set(by_labels[low]) & set(by_labels[high]))
+        if not seeds:
+            continue
+        a = np.array([by_labels[low][s] for s in seeds])
+        b = np.array([by_labels[high][s] for s in seeds])
+        gap = float(b.mean() - a.mean())
+        table.append({"iteration": iterations, "seeds": seeds, "low": a, "high": b, "gap": gap, "n_high": high,
+                      "separated": bool(b.min() > a.max()), "passes": bool(gap >= MIN_GAP and b.min() > a.max())})
+    return table
 
 
 def _ms(values: np.ndarray) -> str:

@@ -12,7 +12,17 @@ peak resident memory of `semiseg evaluate` on LA test volumes, before and after 
    extracted with `git archive`) and with this checkout, and of the exported file, each in its own process, whose
    peak resident set (`ru_maxrss`) is read when it exits. The per-case metrics of the three must be identical.
 
-Methods already measured in `--work` (its results.json) are skipped, so an interrupted call continues.
+4. With `--official-caml CHECKOUT` (Herschel555/CAML): the official test script `code/test_3d.py` on the same
+   volumes, with the CAML run's weights in the official key layout and the run's stride instead of its hard-coded
+   one (`official_caml_test.py` says how it runs in place), in its own process beside `semiseg evaluate` of the run
+   folder (and, for the cost of semiseg's 2-window batch on CPU, with one window per forward pass); its peak
+   resident set, and its per-case medpy Dice / Jaccard / HD95 / ASD against semiseg's. Needs medpy,
+   nibabel, scikit-image, h5py and tqdm (which semiseg does not); skipped when the checkout is absent.
+
+    python benchmarks/lean_artifacts.py --cases 2 --before a5b5541 --official-caml /tmp/official/CAML --update-md
+
+Methods already measured in `--work` (its results.json) are skipped, and so is the official run once its
+official-caml.json is there, so an interrupted call continues.
 """
 
 from __future__ import annotations
@@ -64,21 +74,23 @@ def before_tree(commit: str, work: Path) -> Path:
     return target / "src"
 
 
-def measured(args: list[str], log: Path, pythonpath: Path | None = None) -> dict[str, float]:
-    """Run `semiseg ARGS` in a fresh process; its peak resident set (MiB), wall time and exit status."""
+def measured(args: list[str], log: Path, pythonpath: Path | None = None,
+             program: tuple[str, ...] = ("-m", "semiseg.cli")) -> dict[str, float]:
+    """Run `semiseg ARGS` (or `python PROGRAM ARGS`) in a fresh process; its peak resident set (MiB), wall time and
+    exit status."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "semiseg.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen([sys.executable, *program, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     return {"peak_mib": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - t0,
             "rc": os.waitstatus_to_exitcode(status)}
 
 
-def run_method(method: str, data: Path, work: Path, before_src: Path, iterations: int, jobs: int) -> dict:
+def ensure_run(method: str, data: Path, work: Path, iterations: int) -> Path:
+    """The method's run folder in `work`, trained for `iterations` iterations at the paper's sizes if missing."""
     run = work / "runs" / method
     if not (run / "checkpoint.pt").is_file():
         preset = [] if method == "supervised" else ["--preset", "la-8"]
@@ -88,6 +100,11 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
                           "--out", str(run), "--quiet"], log)
         if train["rc"] != 0:
             raise SystemExit(f"training {method} failed, see {log}")
+    return run
+
+
+def run_method(method: str, data: Path, work: Path, before_src: Path, iterations: int, jobs: int) -> dict:
+    run = ensure_run(method, data, work, iterations)
     model = work / "models" / f"{method}.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     export = measured(["export", str(run), "--out", str(model)], work / "logs" / f"{method}-export.log")
@@ -123,7 +140,139 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
     return result
 
 
-def markdown(results: list[dict], command: str, n_cases: int) -> str:
+METRICS = ("dice", "jaccard", "hd95", "asd")
+RTOL = 1e-9  # medpy's and semiseg's surface distances are the same EDT sums, up to summation order
+
+
+def compare_cases(official: dict[str, list[float]], ours: dict[str, list[float]],
+                  rtol: float = RTOL) -> dict[str, object]:
+    """Per-metric largest absolute difference between the official script's and semiseg's per-case
+    (Dice, Jaccard, HD95, ASD), and whether every value agrees to `rtol` (relative, absolute below 1)."""
+    if sorted(official) != sorted(ours):
+        return {"identical": False, "why": f"cases differ: {sorted(official)} vs {sorted(ours)}"}
+    worst = {m: 0.0 for m in METRICS}
+    agree = True
+    for case, values in official.items():
+        for name, a, b in zip(METRICS, values, ours[case], strict=True):
+            worst[name] = max(worst[name], abs(a - b))
+            agree &= abs(a - b) <= rtol * max(1.0, abs(a))
+    return {"identical": agree, "max_abs_diff": worst}
+
+
+def official_caml(checkout: Path, data: Path, work: Path, iterations: int, jobs: int) -> dict | None:
+    """The official CAML test script and `semiseg evaluate` on the same volumes, weights and windows, each in its
+    own process (peak resident set of each); None when `checkout` has no official test script."""
+    from official_caml_test import official_available
+
+    if not official_available(checkout):
+        print(f"--official-caml {checkout}: no official CAML test script there; the official column is skipped",
+              flush=True)
+        return None
+    run = ensure_run("caml", data, work, iterations)
+    scratch = work / "official-caml"
+    shutil.rmtree(scratch, ignore_errors=True)
+    runner = (str(REPO / "benchmarks" / "official_caml_test.py"),)
+    export = measured(["export", str(run), str(checkout), str(data), str(scratch)], work / "logs" /
+                      "caml-official-export.log", program=runner)
+    if export["rc"] != 0:
+        raise SystemExit(f"export to the official layout failed, see {work / 'logs' / 'caml-official-export.log'}")
+    xy, y, z = (int(v) for v in STRIDE.split(","))
+    if xy != y:
+        raise SystemExit(f"stride {STRIDE}: the official script has one stride for x and y")
+    out = work / "eval" / "caml-beside-official"
+    shutil.rmtree(out, ignore_errors=True)
+    calls = {"official": (["test", str(checkout), str(scratch), str(xy), str(z)], runner),
+             "semiseg": (["evaluate", str(run), "--data", str(data), "--out", str(out), "--device", "cpu"],
+                         ("-m", "semiseg.cli"))}
+
+    def call(side: str) -> dict[str, float]:
+        args, program = calls[side]
+        log = work / "logs" / f"caml-{side}-test.log"
+        m = measured(args, log, program=program)
+        if m["rc"] != 0:
+            raise SystemExit(f"{side} evaluation of the CAML run failed, see {log}")
+        print(f"caml         {side:11s} peak {m['peak_mib']:7.0f} MiB  {m['wall_s']:6.1f} s", flush=True)
+        return m
+
+    with ThreadPoolExecutor(min(jobs, 2)) as pool:  # separate processes: side by side leaves each peak unchanged
+        peaks = dict(zip(calls, pool.map(call, calls), strict=True))
+    official = json.loads((work / "logs" / "caml-official-test.log").read_text().splitlines()[-1])
+    ours = {c["case"]: [c[m] for m in METRICS] for c in json.loads((out / "summary.json").read_text())["cases"]}
+    return {"official": peaks["official"], "semiseg": peaks["semiseg"], "official_cases": official["cases"],
+            "official_empty": official["empty"], "semiseg_cases": ours, "strides_asked": official["strides_asked"],
+            "strides_used": official["strides_used"], "rtol": RTOL,
+            "comparison": compare_cases(official["cases"], ours)}
+
+
+def one_window(official: dict, data: Path, work: Path) -> dict:
+    """`semiseg evaluate` of the CAML run with one window per forward pass on CPU (as the official script), in its
+    own process: its peak, and whether its per-case metrics are those of the default (2 windows)."""
+    out = work / "eval" / "caml-one-window"
+    shutil.rmtree(out, ignore_errors=True)
+    log = work / "logs" / "caml-semiseg-one-window.log"
+    m = measured(["semiseg", "1", "evaluate", str(work / "runs" / "caml"), "--data", str(data), "--out", str(out),
+                  "--device", "cpu"], log, program=(str(REPO / "benchmarks" / "official_caml_test.py"),))
+    if m["rc"] != 0:
+        raise SystemExit(f"semiseg evaluate with one window failed, see {log}")
+    print(f"caml         1 window    peak {m['peak_mib']:7.0f} MiB  {m['wall_s']:6.1f} s", flush=True)
+    ours = {c["case"]: [c[k] for k in METRICS] for c in json.loads((out / "summary.json").read_text())["cases"]}
+    return {**m, "identical": ours == official["semiseg_cases"]}
+
+
+def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
+    """The side-by-side table of the official test script and semiseg evaluate, and the verdict on the target
+    (`table_peaks`: semiseg's CAML peaks of the main table, e.g. run folder and model file)."""
+    peak_o, peak_s = official["official"]["peak_mib"], official["semiseg"]["peak_mib"]
+    comparison = official["comparison"]
+    asked, used = official["strides_asked"], official["strides_used"]
+    rows = [["official `code/test_3d.py`", f"{peak_o:.0f}", f"{official['official']['wall_s']:.0f}"],
+            ["semiseg evaluate (run folder)", f"{peak_s:.0f}", f"{official['semiseg']['wall_s']:.0f}"]]
+    single = official.get("one_window")
+    if single:
+        rows.append(["semiseg evaluate, 1 window per forward pass", f"{single['peak_mib']:.0f}",
+                     f"{single['wall_s']:.0f}"])
+    cases = []
+    for case, values in official["official_cases"].items():
+        ours = official["semiseg_cases"][case]
+        cases.append([case, *(f"{a:.6f} / {b:.6f}" for a, b in zip(values, ours, strict=True))])
+    worst = comparison.get("max_abs_diff", {})
+    peaks = {"beside it": peak_s, **{f"{k}, table above": v for k, v in table_peaks.items()}}
+    listed = ", ".join(f"{v:.0f} MiB ({k}, {v - peak_o:+.0f})" for k, v in peaks.items())
+    if not comparison["identical"]:
+        verdict = "**Target not met**: the per-case metrics differ"
+    elif all(v <= peak_o for v in peaks.values()):
+        verdict = f"**Target met**: semiseg's evaluation peaks {listed} are at most the official {peak_o:.0f} MiB"
+    else:
+        verdict = (f"**Target not met** at the default: semiseg's evaluation peaks {listed} against the official "
+                   f"{peak_o:.0f} MiB; the metrics are identical")
+        if single:
+            met = single["peak_mib"] <= peak_o and single["identical"]
+            verdict += (f". With one window per forward pass, as the official script: {single['peak_mib']:.0f} MiB "
+                        f"({single['peak_mib'] - peak_o:+.0f}), per-case metrics "
+                        + ("identical: target met" if met else "identical" if single["identical"] else "**differ**"))
+    return "\n".join([
+        "", "#### CAML: the official test script beside `semiseg evaluate`", "",
+        "The official CAML test script (Herschel555/CAML, `code/test_3d.py` with `utils/test_patch.py`) runs "
+        "unmodified from its checkout, in its own process, on the same volumes with the same weights (the CAML run "
+        "folder's network exported to the official keys with `semiseg.official.to_official_state` and loaded "
+        "strictly into the official test network) and the same windows: its hard-coded stride "
+        f"{asked.get('stride_xy')}/{asked.get('stride_z')} (xy/z) is replaced at call time by the run's "
+        f"{used['stride_xy']}/{used['stride_z']} (`benchmarks/official_caml_test.py`: `.cuda()` is the identity, "
+        "NumPy's `np.int` alias restored; the script also writes its NIfTI outputs, as it does by default). "
+        "`semiseg evaluate` of the run folder runs beside it, both in fresh processes (peak resident set, MiB). "
+        f"Per-case metrics (official medpy / semiseg, full precision): identical to {official['rtol']:g} relative: "
+        f"{'yes' if comparison['identical'] else '**no**'}; largest absolute differences "
+        + ", ".join(f"{m} {worst.get(m, float('nan')):.1e}" for m in METRICS)
+        + (f"; empty official predictions: {', '.join(official['official_empty'])}"
+           if official["official_empty"] else "") + ".", "",
+        markdown_table(["evaluation", "peak MiB", "wall s (loaded machine)"], rows), "",
+        markdown_table(["case", "Dice", "Jaccard", "HD95", "ASD"], cases), "",
+        f"Against the target (evaluation peak no larger than the official test script's on the same volumes, "
+        f"identical metrics): {verdict}. Only CAML's official test script was run; the other methods' official "
+        "test scripts were not."])
+
+
+def markdown(results: list[dict], command: str, n_cases: int, official: dict | None = None) -> str:
     measured_names = {r["method"] for r in results}
     left = [m for m in METHODS if m not in measured_names]
     missing = f" Not in this table (not measured yet): {', '.join(left)}." if left else ""
@@ -133,10 +282,16 @@ def markdown(results: list[dict], command: str, n_cases: int) -> str:
         rows.append([r["method"], f"{r['checkpoint_mib']:.1f}", f"{r['model_mib']:.1f}", f"{r['params']:,d}",
                      f"{r['fp32_mib']:.1f}", f"{100 * (r['model_mib'] / r['fp32_mib'] - 1):+.1f} %",
                      f"{ev['before']['peak_mib']:.0f}", f"{ev['after']['peak_mib']:.0f}",
-                     f"{ev['after_model']['peak_mib']:.0f}", "yes" if r["identical"] else "**no**"])
+                     f"{ev['after_model']['peak_mib']:.0f}",
+                     f"{official['official']['peak_mib']:.0f}" if official and r["method"] == "caml" else "-",
+                     "yes" if r["identical"] else "**no**"])
     table = markdown_table(["method", "checkpoint.pt MiB", "model.pt MiB", "evaluated params", "fp32 weights MiB",
                             "model.pt vs fp32", "evaluate peak MiB, before", "after (run folder)",
-                            "after (model.pt)", "per-case metrics identical"], rows)
+                            "after (model.pt)", "official test script peak MiB", "per-case metrics identical"], rows)
+    caml = next((r for r in results if r["method"] == "caml"), None)
+    table_peaks = {"run folder": caml["evaluate"]["after"]["peak_mib"],
+                   "model.pt": caml["evaluate"]["after_model"]["peak_mib"]} if caml else {}
+    official_part = official_markdown(official, table_peaks) if official else ""
     return "\n".join([
         "### Lean artifacts: model file size and evaluation memory", "", stamp(), "", f"Command: `{command}`", "",
         f"Each run folder comes from a {results[0].get('iterations', 1)}-iteration training at the paper's sizes "
@@ -147,9 +302,11 @@ def markdown(results: list[dict], command: str, n_cases: int) -> str:
         "checkpoint, and at most 2 windows per forward pass on CPU; after (model.pt): the exported file. The runs "
         f"use a stride of {STRIDE.replace(',', 'x')} (12 windows per volume) to save time: the peak does not depend "
         "on the number of windows. CrossMatch is trained with a 1+2 batch (its checkpoint holds no batch-sized "
-        "state). fp32 weights = 4 bytes x the evaluated network's parameters. Not measured: the official CAML test "
-        "script on the same volumes (its peak beside these columns), and the peak of one training step beside the "
-        "official step." + missing, "", table])
+        "state). fp32 weights = 4 bytes x the evaluated network's parameters. The official column: the official "
+        "CAML test script on the same volumes and weights (below); "
+        + ("it was not run (no `--official-caml` checkout). " if not official else "")
+        + "the other methods' official test scripts were not run. One training step's peak beside the official "
+        "step: section vs-official-memory." + missing, "", table, official_part])
 
 
 def main() -> None:
@@ -162,6 +319,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="evaluations of a method run side by side (the peaks "
                         "are per process; only the wall times change)")
+    parser.add_argument("--official-caml", type=Path, default=None,
+                        help="checkout of Herschel555/CAML: run its test script beside semiseg evaluate (skipped "
+                        "when the folder has no code/test_3d.py)")
     parser.add_argument("--update-md", action="store_true")
     args = parser.parse_args()
     for sub in ("logs", "eval", "runs"):
@@ -176,11 +336,24 @@ def main() -> None:
         results[method] = {**run_method(method, data, args.work, before_src, args.iterations, args.jobs),
                            "iterations": args.iterations}
         results_file.write_text(json.dumps(results, indent=1))
+    official = None
+    official_file = args.work / "official-caml.json"
+    if official_file.is_file():  # measured by an earlier call with this --work
+        official = json.loads(official_file.read_text())
+    elif args.official_caml is not None:
+        official = official_caml(args.official_caml, data, args.work, args.iterations, args.jobs)
+    if official is not None and "one_window" not in official:
+        official["one_window"] = one_window(official, data, args.work)
+    if official is not None:
+        official_file.write_text(json.dumps(official, indent=1))
     ordered = [results[m] for m in METHODS if m in results]
     (REPO / "benchmarks" / "results" / "lean-artifacts.json").write_text(json.dumps(ordered, indent=1))
+    if official is not None:
+        (REPO / "benchmarks" / "results" / "lean-artifacts-official-caml.json").write_text(
+            json.dumps(official, indent=1))
     command = "python benchmarks/lean_artifacts.py " + " ".join(sys.argv[1:])
     if args.update_md:
-        update_section("lean-artifacts", markdown(ordered, command, args.cases))
+        update_section("lean-artifacts", markdown(ordered, command, args.cases, official))
 
 
 if __name__ == "__main__":

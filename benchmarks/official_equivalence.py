@@ -303,10 +303,12 @@ def _step_report(args: argparse.Namespace, repo: str, root: Path, ours: dict[str
     rows += [_row(f"grad {m}", a, b, top) for m, a, b in worst[:5]]
     names = {"student": "weights after SGD step", "teacher": "EMA teacher after update"}
     for part, official in states.items():
-        rows.append(_row(names[part], torch.cat([official[inverse[m]].detach().flatten() for m in ours[part]]),
+        name = names.get(part, f"{part} after the step")
+        rows.append(_row(name, torch.cat([official[inverse[m]].detach().flatten() for m in ours[part]]),
                          torch.cat([v.flatten() for v in ours[part].values()])))
-    rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
-                     torch.tensor(ours["ramp"], dtype=torch.float64)))
+    if ramp:  # a method without a consistency ramp (CrossMatch, UniMatch) passes []
+        rows.append(_row(f"consistency weight, updates 1-{len(ramp)}", torch.tensor(ramp, dtype=torch.float64),
+                         torch.tensor(ours["ramp"], dtype=torch.float64)))
     for name, values in (schedules or {}).items():
         rows.append(_row(f"{name}, updates 1-{len(values)}", torch.tensor(values, dtype=torch.float64),
                          torch.tensor(ours["schedules"][name], dtype=torch.float64)))
@@ -428,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="method: the whole official training update (every method with a comparison: see "
                              "BUILT_IN_STEPS and benchmarks/official_step_*.py)")
     parser.add_argument("--iteration", type=int, default=1000, help="--step method: the 1-based update")
+    parser.add_argument("--official-variant", default=None, metavar="COMMIT=PATH",
+                        help="--step method: a checkout of another official commit that the method's comparison "
+                             "also runs (mlrpl: the first upload, quirk Q1)")
     args = parser.parse_args(argv)
     args.classes = args.classes or (2 if args.dims == 3 else 4)
     with default_dtype(args.dtype):
@@ -442,13 +447,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         rows, meta = step(args)
         meta["dtype"] = args.dtype
         print_table(rows, meta)
-        if args.write_fixture:
-            name = args.method if args.dims == 3 else f"{args.method}_{args.dims}d"
+        if args.write_fixture:  # a method with several fixtures (e.g. one per stage) names each in meta
+            name = meta.get("fixture") or (args.method if args.dims == 3 else f"{args.method}_{args.dims}d")
             path = REPO / "tests" / "golden" / "steps" / f"{name}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(meta, indent=1) + "\n")
             print(f"fixture: {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} KiB)")
-        return 0 if all(r["verdict"] == "equal" for r in rows) else 1
+        return 0 if all(r["verdict"] != "DIFFERS" for r in rows) else 1  # or a verdict naming a quirk
     rows, meta = compare(args)
     meta["dtype"] = args.dtype
     print_table(rows, meta)

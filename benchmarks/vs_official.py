@@ -21,6 +21,13 @@ Writes outside the scratch folder (the scripts' absolute snapshot paths, `shutil
 redirected into it or dropped. The semiseg child runs `train_step` + backward + update as the trainer does, at
 its default settings (`channels_last=auto`, fp32).
 
+Memory: every child's peak resident set (`ru_maxrss` from `wait4`, MiB) is read when it exits; each side is its own
+process, so the peaks are per side. `--memory-only` writes a table of the peaks alone (section vs-official-memory),
+for a machine too loaded for the times to mean anything:
+
+    python benchmarks/vs_official.py --official-root /tmp/official --settings caml mlrpl crossmatch_la --sizes mini \
+        --repeats 1 --memory-only --update-md
+
 Interleaving: for each setting and size, `--repeats` rounds of (official child, semiseg child), each timing
 `--steps` steps after one warm-up step; the table gives min / median / max over every timed step.
 
@@ -60,6 +67,13 @@ from common import REPO, markdown_table, stamp, update_section  # noqa: E402
 
 # Batch shapes: LA-mini (benchmarks/la_mini.py: 64x64x32, 8 filters) and the papers' (112x112x80, 16 filters);
 # ACDC is 2D (the official UNet has fixed widths).
+MEMORY_NOTE = (
+    "Each side runs in its own fresh process (the official script unmodified, as in the timing table above; semiseg's "
+    "`train_step` + backward + update at its defaults), one warm-up and `--steps` training steps on the same "
+    "synthetic batches; the peak resident set (`ru_maxrss`, MiB) of the whole process is read when it exits, so it "
+    "includes the interpreter, the imports, the network, the optimiser state and the steps, on both sides alike. "
+    "The largest over the `--repeats` children of a side is given. The step times of this run are not reported: "
+    "the machine was shared with other jobs (load above), so they mean nothing; the peaks do not depend on the load.")
 EVAL_ITERATIONS = 300  # the evaluated VNet: enough for non-empty predictions on the test volumes
 SIZES = {"tiny": ((32, 32, 32), 4), "mini": ((64, 64, 32), 8), "paper": ((112, 112, 80), 16)}  # tiny: smoke runs
 
@@ -480,10 +494,17 @@ def train_eval_model(data: Path, out: Path, iterations: int) -> Path:
 
 # ------------------------------------------------------------------------------------------------------ driver
 def _child(args: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {' '.join(args)} failed (exit {proc.returncode}; its error is above)")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run one side in a fresh process; its JSON result, with the process's peak resident set (`peak_mib`, read
+    from `wait4` when it exits: imports, model, optimiser and every step, warm-up included)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, __file__, *args], stdout=out, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise RuntimeError(f"child {' '.join(args)} failed (exit {code}; its error is above)")
+        out.seek(0)
+        result = json.loads(out.read().strip().splitlines()[-1])
+    return {**result, "peak_mib": usage.ru_maxrss / 1024}
 
 
 def _stats(values: list[float]) -> str:
@@ -506,6 +527,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "semiseg-vs-official")
     parser.add_argument("--update-md", action="store_true", help="write the vs-official section of BENCHMARKS.md")
     parser.add_argument("--tag", default="", help="suffix of the result file and of the BENCHMARKS.md section")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="report the peak resident set of each side only (section vs-official-memory): on a "
+                        "loaded machine the step times mean nothing, the peaks do not depend on the load")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = args.official_root.resolve()
@@ -529,6 +553,7 @@ def main() -> None:
     for name in chosen:
         for size in args.sizes:
             times: dict[str, list[float]] = {"official": [], "semiseg": []}
+            peaks: dict[str, list[float]] = {"official": [], "semiseg": []}
             info: dict[str, Any] = {}
             common = ["--official-root", str(root), "--steps", str(args.steps), "--warmup", str(args.warmup),
                       *[f"--set={o}" for o in args.overrides]]
@@ -536,22 +561,28 @@ def main() -> None:
                 for side in ("official", "semiseg"):
                     result = _child([*common, "--child", side, name, size])
                     times[side] += result["times"]
+                    peaks[side].append(result["peak_mib"])
                     info[side] = result
                     raw.append(result)
-                    print(f"{name} {size} {side}: {', '.join(f'{t:.2f}' for t in result['times'])} s",
-                          file=sys.stderr, flush=True)
+                    print(f"{name} {size} {side}: {', '.join(f'{t:.2f}' for t in result['times'])} s, peak "
+                          f"{result['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
             ratio = statistics.median(times["official"]) / statistics.median(times["semiseg"])
             spec = settings()[name]
             lab, unl = spec["batch"]
+            memory = [f"{max(peaks['official']):.0f}", f"{max(peaks['semiseg']):.0f}",
+                      f"{max(peaks['semiseg']) / max(peaks['official']):.2f}"]
+            timing = [_stats(times["official"]), _stats(times["semiseg"]), f"{ratio:.2f}x"]
             rows.append([name, size, "x".join(map(str, info["semiseg"]["patch"])),
                          f"{lab}+{unl}" + (f"+{unl}" if spec["format"] == "crossmatch" else ""),
                          f"{info['official']['filters']} / {info['semiseg']['filters']}",
-                         _stats(times["official"]), _stats(times["semiseg"]), f"{ratio:.2f}x",
-                         str(len(times["semiseg"]))])
-            print(f"{name} {size}: official/semiseg median ratio {ratio:.2f}", flush=True)
-    table = markdown_table(["setting", "size", "patch", "batch", "filters official / semiseg",
-                            "official s/step min / median / max", "semiseg s/step min / median / max",
-                            "speed-up (medians)", "steps each"], rows)
+                         *([] if args.memory_only else timing), *memory, str(len(times["semiseg"]))])
+            print(f"{name} {size}: official/semiseg median ratio {ratio:.2f}, peak official "
+                  f"{max(peaks['official']):.0f} MiB, semiseg {max(peaks['semiseg']):.0f} MiB", flush=True)
+    header = ["setting", "size", "patch", "batch", "filters official / semiseg"]
+    if not args.memory_only:
+        header += ["official s/step min / median / max", "semiseg s/step min / median / max", "speed-up (medians)"]
+    table = markdown_table(header + ["official peak MiB", "semiseg peak MiB", "semiseg / official peak",
+                                     "steps each"], rows)
     eval_table, eval_raw = "", None
     if args.eval_cases:
         sys.path.insert(0, str(REPO / "benchmarks"))
@@ -573,17 +604,23 @@ def main() -> None:
               f"{official['seconds'] / ours['seconds']:.2f}x",
               "identical (to the official 5 decimals)" if agree else "DIFFER"]])
         print(eval_table, flush=True)
-    suffix = f"-{args.tag}" if args.tag else ""
+    suffix = ("-memory" if args.memory_only else "") + (f"-{args.tag}" if args.tag else "")
     out = REPO / "benchmarks" / "results" / f"vs_official{suffix}.json"
-    out.write_text(json.dumps({"stamp": stamp(), "steps": raw, "eval": eval_raw}, indent=1))
+    run_stamp = stamp()  # before the result file is written: its commit is the code's, not "+dirty"
+    out.write_text(json.dumps({"stamp": run_stamp, "steps": raw, "eval": eval_raw}, indent=1))
     print(table)
     if args.update_md:
         cmd = (f"python benchmarks/vs_official.py --official-root DIR --settings {' '.join(chosen)} --sizes "
                f"{' '.join(args.sizes)} --repeats {args.repeats} --steps {args.steps}"
                + (f" --eval-cases {args.eval_cases}" if args.eval_cases else "")
-               + (f" --tag {args.tag}" if args.tag else ""))
+               + (f" --tag {args.tag}" if args.tag else "") + (" --memory-only" if args.memory_only else ""))
+        if args.memory_only:
+            update_section(f"vs-official{suffix}", f"### Peak memory of one training step, official code vs semiseg "
+                           f"(CPU){suffix.removeprefix('-memory')}\n\n{run_stamp}\n\nCommand: `{cmd}`\n\n"
+                           f"{MEMORY_NOTE}\n\n{table}\n\n{eval_table}\n")
+            return
         update_section(f"vs-official{suffix}", f"### One training step, official code vs semiseg (CPU){suffix}\n\n"
-                       f"{stamp()} Load average (1 min) at the start / end: {load_start:.1f} / "
+                       f"{run_stamp} Load average (1 min) at the start / end: {load_start:.1f} / "
                        f"{os.getloadavg()[0]:.1f}.\n\n"
                        f"Command: `{cmd}` (interleaved: official, semiseg, official, ...)\n\n{table}\n\n{eval_table}\n")
 

@@ -97,3 +97,19 @@ def test_calibration_needs_both_label_counts(results: Path, monkeypatch: pytest.
     (curves / "supervised-8-3000-val8-partial.jsonl").write_text(_curve({150: 0.5}))
     assert la_mini.calibration_table(la_mini.curve_files()) == []
     assert "No calibration curves yet" in la_mini.render_calibration()
+
+
+def test_calibration_on_the_test_set_uses_the_finished_runs_of_the_calibrated_protocol(results: Path) -> None:
+    rows = la_mini.read_rows()  # the uncalibrated rows (val 0) take no part
+    for seed, low, high in ((1337, 0.79, 0.865), (2, 0.76, 0.85), (3, 0.80, 0.84)):
+        rows += [{**_row("supervised", "recipe", low), "iterations": "3000", "seed": str(seed), "val": "8"},
+                 {**_row("supervised", "recipe", high), "iterations": "3000", "labeled": "72", "seed": str(seed),
+                  "val": "8"}]
+    rows.append({**_row("supervised", "recipe", 0.9), "iterations": "1500", "seed": "1337", "val": "8"})
+    table = la_mini.test_calibration(rows)
+    assert [r["iteration"] for r in table] == [3000]  # 1,500 has no 72-label run
+    (r,) = table
+    assert r["seeds"] == [2, 3, 1337] and r["gap"] == pytest.approx(100 * (2.555 - 2.35) / 3)
+    assert r["separated"] and r["passes"]
+    rows[-2]["dice"] = "0.795"  # seed 3 with 72 labels no longer above every 8-label seed (0.80)
+    assert not la_mini.test_calibration(rows)[0]["passes"]

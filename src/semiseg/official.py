@@ -15,6 +15,8 @@ without DDP's `module.` prefix) so that it loads into the semiseg network that a
 | mcnet_plus | ycwu1997/MC-Net | `networks.VNet.MCNet3d_v2` | `method.net` |
 | bcp | DeepMed-Lab-ECNU/BCP | `networks.VNet.VNet` | `method.net` |
 | mean_teacher, uamt | HiLab-git/SSL4MIS | `networks.vnet.VNet` | `method.net` |
+| cps (3D / 2D) | HiLab-git/SSL4MIS | `networks.vnet.VNet` / `networks.unet.UNet` (`model1`) | `method.net1` |
+| unimatch (2D) | LiheYoung/UniMatch | `more-scenarios/medical/model/unet.UNet` | `method.net.net` |
 | dtc | HiLab-git/DTC | `networks.vnet_sdf.VNet` (`n_classes=1`) | `method.net` (`SDFVNet`) |
 | ssnet | ycwu1997/SS-Net | `networks.VNet.VNet` | `method.net` |
 | admt | ZhenZHAO/AD-MT | `networks.vnet.VNet` | `method.net` (both teachers copy it) |
@@ -31,6 +33,9 @@ except `out_conv` (the tanh level-set head) -> `sdf_head` and `out_conv2` (the s
 `vnet.decoder.out_conv`. Official modules that no semiseg loss uses (BCP's projection heads and
 contrastive class selectors, SS-Net's likewise: semiseg keeps them on the method, outside the evaluated
 network) are dropped, and named in `OfficialLayout.ignored`.
+
+URPC has no entry: its official network (SSL4MIS `unet_3D_dv_semi`) is a 3D UNet with no semiseg counterpart
+(semiseg's URPC pyramid is on the VNet; docs/methods/urpc.md); UniMatch has no official 3D network.
 
 The official code has no licence for CAML, MLRPL, UA-MT and AD-MT: nothing of it is here, only the key names.
 """
@@ -82,6 +87,10 @@ LAYOUTS: dict[tuple[str, int], OfficialLayout] = {
                                ("projection_head.", "prediction_head.", "contrastive_class_selector")),
     ("mean_teacher", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
     ("uamt", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
+    ("cps", 3): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/vnet.py:VNet", "vnet_flat", "net1"),
+    ("cps", 2): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/unet.py:UNet", "unet2d", "net1"),
+    ("unimatch", 2): OfficialLayout("LiheYoung/UniMatch", "more-scenarios/medical/model/unet.py:UNet", "unet2d",
+                                    "net.net"),
     ("dtc", 3): OfficialLayout("HiLab-git/DTC", "code/networks/vnet_sdf.py:VNet", "dtc", "net"),
     ("ssnet", 3): OfficialLayout("ycwu1997/SS-Net", "code/networks/VNet.py:VNet", "vnet", "net",
                                  ("projection_head.", "prediction_head.", "contrastive_class_selector")),
@@ -207,6 +216,29 @@ def map_official_state(state: Mapping[str, torch.Tensor], method: str, spatial_d
                                   f"{tuple(target[key].shape)}; pass the official --set n_filters=... and the "
                                   "dataset's class count")
     return mapped
+
+
+def to_official_state(state: Mapping[str, torch.Tensor], official_keys: list[str], method: str,
+                      spatial_dims: int, source: str = "semiseg network") -> dict[str, torch.Tensor]:
+    """The inverse of `map_official_state`: semiseg's `state` (of `OfficialLayout.target`) under the official keys,
+    so that the official code can load semiseg's weights (e.g. its test script, run beside `semiseg evaluate`).
+
+    `official_keys` are the official network's `state_dict` keys (they name what the official file holds); every
+    one must map to a distinct key of `state` and every key of `state` must be used."""
+    mapping = key_map(official_keys, method, spatial_dims)
+    unmapped = [k for k in official_keys if k not in mapping]
+    if unmapped:
+        raise CheckpointError(f"{source}: official keys {unmapped[:3]} have no semiseg counterpart "
+                              f"({len(unmapped)} in all); the official file would miss them")
+    if len(set(mapping.values())) != len(mapping):
+        raise CheckpointError(f"{source}: two official keys map to one semiseg key; the mapping is not invertible")
+    missing = [k for k in mapping.values() if k not in state]
+    extra = [k for k in state if k not in set(mapping.values())]
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unused {extra[:3]}"
+        raise CheckpointError(f"{source}: does not fit the official {method} network ({what}, {len(missing)} "
+                              f"missing, {len(extra)} unused keys)")
+    return {official: state[ours] for official, ours in mapping.items()}
 
 
 def target_module(method: Method) -> torch.nn.Module:

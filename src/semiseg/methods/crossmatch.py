@@ -100,9 +100,15 @@ def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 (autocast) logits upcast to float32 for softmax, Dice and CE; float32 and float64 kept as they
+    are, so that a float64 run (the official-code comparison) is not rounded to float32 here."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max softmax probability, argmax) per voxel, without gradient."""
-    conf, label = logits.detach().float().softmax(1).max(1)
+    conf, label = at_least_float32(logits.detach()).softmax(1).max(1)
     return conf, label
 
 
@@ -179,11 +185,11 @@ class CrossMatch(Method):
         return tau * math.log(2) if self.params.tau_ln2_scale else tau
 
     def dice(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return masked_dice_loss(logits.float().softmax(1), target, valid, self.smooth, self.binary)
+        return masked_dice_loss(at_least_float32(logits).softmax(1), target, valid, self.smooth, self.binary)
 
     def supervised_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(CE + Dice) / 2 on the labelled batch."""
-        return (F.cross_entropy(logits.float(), target.long()) + self.dice(logits, target)) / 2
+        return (F.cross_entropy(at_least_float32(logits), target.long()) + self.dice(logits, target)) / 2
 
     def strong_views(self, images: torch.Tensor) -> torch.Tensor:
         """Independent strong views, computed in float32 even under the trainer's autocast (8-bit levels,

@@ -163,13 +163,18 @@ class MLRPL(Method):
                                                      outputs[j][1][start:], p)
             pseudo = pseudo + loss_ij
             masked, weight_sum = masked + mask.sum(), weight_sum + weight.sum()
-        beta = p.consistency * sigmoid_rampup(ctx.iteration, p.consistency_rampup, p.epoch_iterations)
+        beta = self.consistency_weight(ctx)
         loss = p.supervised_weight * supervised + beta * pseudo
         voxels = max(probs[0][start:, 0].numel(), 1)
         logs = {"loss/supervised": supervised.detach(), "loss/pseudo": pseudo.detach(),
                 "consistency_weight": pseudo.new_tensor(beta), "pseudo/mask_fraction": masked / voxels,
                 "pseudo/mean_weight": weight_sum / masked.clamp_min(1)}
         return StepOutput(loss, logs)
+
+    def consistency_weight(self, ctx: StepContext) -> float:
+        """beta(t): the sigmoid ramp of the pseudo-label loss at update `ctx.iteration` (1-based)."""
+        p = self.params
+        return p.consistency * sigmoid_rampup(ctx.iteration, p.consistency_rampup, p.epoch_iterations)
 
     def inference_network(self) -> nn.Module:
         """Decoder 1 (the transposed-conv decoder), as the papers evaluate, or the decoders' average."""

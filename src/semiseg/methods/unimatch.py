@@ -58,9 +58,10 @@ class UniMatchParams(MethodParams):
     """2D only: u_w and the strong-view operations are rounded to 8-bit levels as the official PIL pipeline is."""
 
 
-# ACDC: 300 epochs of floor(unlabelled slices / 12) iterations on one GPU (3 patients: 103, 7: 98 per epoch).
+# ACDC: 300 epochs of floor(unlabelled slices / 12) iterations on one GPU (3 patients: 103, 7: 98 per epoch). The
+# official loop sets the poly rate after each update from that update's 0-based index: update k uses poly(k - 2).
 _ACDC = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False,
-         "lr_schedule": "poly", "poly_horizon": 0, "batch_labeled": 12, "batch_unlabeled": 24,
+         "lr_schedule": "poly", "poly_horizon": 0, "poly_lag": 1, "batch_labeled": 12, "batch_unlabeled": 24,
          "patch_size": (256, 256)}
 # LA: no official 3D UniMatch; CrossMatch-LA's recipe (AdamW 1e-3, 2 + 2 (+ 2 mix) patches), poly over the run.
 _LA: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "lr_schedule": "poly",

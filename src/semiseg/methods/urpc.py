@@ -71,7 +71,8 @@ class URPC(Method):
     name = "urpc"
     description = "URPC: pyramid VNet, uncertainty (KL)-rectified consistency of every level with their mean"
     Params = URPCParams
-    recipe = {"lr_schedule": "poly"}
+    # SSL4MIS sets the poly rate from `iter_num` before its increment: update k uses poly(k - 2) (lag 1).
+    recipe = {"lr_schedule": "poly", "poly_lag": 1}
     presets = {"la-8": {"labeled": 8}, "la-16": {"labeled": 16}}
 
     def __init__(self, params: URPCParams, spec: NetSpec) -> None:
@@ -82,12 +83,16 @@ class URPC(Method):
         self.net = PyramidVNet(spec.in_channels, spec.num_classes, spec.n_filters, spec.norm, spec.dropout,
                                params.level_dropout)
 
+    def consistency_weight(self, ctx: StepContext) -> float:
+        p = self.params
+        ramp_at = ctx.iteration - 1 if p.ramp_from_zero else ctx.iteration
+        return p.consistency * sigmoid_rampup(ramp_at, p.consistency_rampup, p.epoch_iterations)
+
     def train_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         p, n_lab = self.params, batch.n_labeled
         levels = self.net.forward_pyramid(batch.images)
         supervised = sum(dice_ce_loss(logits[:n_lab], batch.label_labeled) for logits in levels) / len(levels)
-        ramp_at = ctx.iteration - 1 if p.ramp_from_zero else ctx.iteration
-        weight = p.consistency * sigmoid_rampup(ramp_at, p.consistency_rampup, p.epoch_iterations)
+        weight = self.consistency_weight(ctx)
         if len(batch.image_unlabeled):
             probs = [logits[n_lab:].softmax(1) for logits in levels]
             consistency, divergence = rectified_pyramid_consistency(probs, p.detach_mean)

@@ -1,0 +1,82 @@
+"""benchmarks/lean_artifacts.py's official column: semiseg's weights under the official keys, the per-case metric
+comparison, the report, and the skip when no official checkout is there (the official code is not needed here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from semiseg.errors import CheckpointError
+from semiseg.methods import get_method
+from semiseg.methods.base import NetSpec
+from semiseg.official import map_official_state, to_official_state
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+_spec = importlib.util.spec_from_file_location("lean_artifacts", REPO / "benchmarks" / "lean_artifacts.py")
+lean = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lean)
+CAML_FILE = Path(__file__).parent / "golden" / "official" / "caml_f2_seed0.pth"
+
+
+def _caml_net() -> torch.nn.Module:
+    cls = get_method("caml")
+    return cls(cls.Params(), NetSpec(1, 2, 3, 2)).net
+
+
+def test_semiseg_weights_go_back_to_the_official_file_exactly() -> None:
+    official = torch.load(CAML_FILE, weights_only=True)
+    ours = map_official_state(official, "caml", 3, _caml_net().state_dict())
+    back = to_official_state(ours, list(official), "caml", 3)
+    assert list(back) == list(official)
+    assert all(torch.equal(back[k], official[k]) for k in official)
+
+
+def test_official_export_refuses_a_network_that_does_not_fit() -> None:
+    official_keys = list(torch.load(CAML_FILE, weights_only=True))
+    ours = _caml_net().state_dict()
+    dropped = dict(ours)
+    dropped.pop("f_v.encoder.block_one.0.weight")
+    with pytest.raises(CheckpointError, match="missing"):
+        to_official_state(dropped, official_keys, "caml", 3)
+    with pytest.raises(CheckpointError, match="unused"):
+        to_official_state({**ours, "extra.weight": torch.zeros(1)}, official_keys, "caml", 3)
+
+
+def test_per_case_metrics_compare_to_a_relative_tolerance() -> None:
+    official = {"A": [0.9, 0.8, 5.0, 1.5], "B": [0.0, 0.0, 0.0, 0.0]}
+    same = lean.compare_cases(official, {"A": [0.9, 0.8, 5.0 + 1e-12, 1.5], "B": [0.0] * 4})
+    assert same["identical"] and same["max_abs_diff"]["hd95"] == pytest.approx(1e-12, abs=1e-15)
+    off = lean.compare_cases(official, {"A": [0.9, 0.8, 5.01, 1.5], "B": [0.0] * 4})
+    assert not off["identical"] and off["max_abs_diff"]["hd95"] == pytest.approx(0.01)
+    assert not lean.compare_cases(official, {"A": [0.9, 0.8, 5.0, 1.5]})["identical"]
+
+
+def test_report_states_the_verdict_against_the_official_peak() -> None:
+    cases = {"A": [0.9, 0.8, 5.0, 1.5]}
+    result = {"official": {"peak_mib": 2000.0, "wall_s": 10.0}, "semiseg": {"peak_mib": 1100.0, "wall_s": 5.0},
+              "official_cases": cases, "official_empty": [], "semiseg_cases": cases, "rtol": lean.RTOL,
+              "strides_asked": {"stride_xy": 18, "stride_z": 4}, "strides_used": {"stride_xy": 56, "stride_z": 40},
+              "comparison": lean.compare_cases(cases, cases)}
+    text = lean.official_markdown(result, {"model.pt": 1150.0})
+    assert "**Target met**" in text and "18/4" in text and "56/40" in text
+    assert "1150 MiB (model.pt, table above, -850)" in text
+    over = lean.official_markdown(result, {"model.pt": 2100.0})
+    assert "**Target not met**" in over and "+100" in over
+    result["one_window"] = {"peak_mib": 1500.0, "wall_s": 6.0, "identical": True}
+    single = lean.official_markdown(result, {"model.pt": 2100.0})
+    assert "1 window per forward pass | 1500" in single and "1500 MiB (-500), per-case metrics identical: target met" \
+        in single
+    result["comparison"] = lean.compare_cases(cases, {"A": [0.5, 0.8, 5.0, 1.5]})
+    assert "metrics differ" in lean.official_markdown(result, {"model.pt": 1150.0})
+
+
+def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Nothing is trained or evaluated: the checkout test comes first.
+    assert lean.official_caml(tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1) is None
+    assert "skipped" in capsys.readouterr().out
+    assert not (tmp_path / "work").exists()
