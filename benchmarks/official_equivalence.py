@@ -77,13 +77,15 @@ def _official_network(method: str, dims: int, root: Path, n_filters: int, classe
     cls = _official_class(root, layout.network)
     if dims == 2:
         return cls(in_chns=1, class_num=classes)
+    if method == "dtc":  # one sigmoid channel (`n_classes=num_classes-1` in train_la_dtc.py)
+        classes -= 1
     return cls(n_channels=1, n_classes=classes, n_filters=n_filters, normalization="batchnorm", has_dropout=True)
 
 
 def _official_outputs(method: str, dims: int) -> Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]:
     def run(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         out = net(x)
-        if method == "bcp":  # (logits, features)
+        if method in ("bcp", "ssnet"):  # (logits, features)
             return [out[0]]
         return list(out) if isinstance(out, (tuple, list)) else [out]
     return run
@@ -92,14 +94,14 @@ def _official_outputs(method: str, dims: int) -> Callable[[nn.Module, torch.Tens
 def _install_official_dropout(net: nn.Module, method: str, dims: int, seed: int) -> None:
     from semiseg.official import official_layout
 
-    flat = official_layout(method, dims).family == "vnet_flat"
+    flat = official_layout(method, dims).family in ("vnet_flat", "dtc")
     for name, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (nn.Dropout, nn.Dropout2d, nn.Dropout3d)):
                 full = f"{name}.{child_name}" if name else child_name
                 # A flat VNet calls one `dropout` module twice: on x5 (encoder) then on x9 (decoder).
-                keys = ["encoder.dropout", "decoder.dropout"] if flat and full == "dropout" else \
-                    [key_of_official_module(full, method, dims)]
+                key = key_of_official_module(full, method, dims)
+                keys = [key, key.replace("encoder.", "decoder.")] if flat and full == "dropout" else [key]
                 setattr(module, child_name, KeyedDropout(child.p, keys, seed, not isinstance(child, nn.Dropout)))
         if isinstance(module, nn.MultiheadAttention):
             module.dropout = 0.0

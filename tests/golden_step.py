@@ -119,6 +119,9 @@ def semiseg_outputs(method: str) -> Callable[[nn.Module, torch.Tensor], list[tor
             return list(net(x))
         if method in ("mlrpl", "mcnet", "mcnet_plus"):
             return [logits for logits, _ in net.forward_all(x)]
+        if method == "dtc":  # the official order: (tanh level set, segmentation logit)
+            logit, sdf = net.forward_both(x)
+            return [sdf, logit]
         return [net(x)]
     return run
 
@@ -146,6 +149,35 @@ def network_step(net: nn.Module, outputs: Callable | None, x: torch.Tensor, labe
     after = {k: p.detach().clone() for k, p in net.named_parameters() if k in grads}
     return {"outputs": [o.detach() for o in outs], "loss": loss.detach(), "grads": grads, "after": after,
             "buffers": buffers, "checksums": checksums}
+
+
+def ball_batch(size: int, seed: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [n, 1, S, S, S] and one foreground ball per volume [n, S, S, S] (int64)."""
+    x, _ = inputs(3, size, n, 2, seed)
+    g = _generator(seed, "balls")
+    centre = size * (0.3 + 0.4 * torch.rand(n, 3, generator=g, dtype=torch.float64))
+    radius = size * (0.15 + 0.15 * torch.rand(n, generator=g, dtype=torch.float64))
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 3, indexing="ij"))
+    dist = ((grid.unsqueeze(0) - centre.view(n, 3, 1, 1, 1)) ** 2).sum(1).sqrt()
+    return x, (dist < radius.view(n, 1, 1, 1)).long()
+
+
+def run_length(values: list[float]) -> list[float]:
+    """[v1, n1, v2, n2, ...]: a per-update schedule in a fixture without one number per update (a step or
+    ramp schedule over 15,000 updates has a few dozen distinct values)."""
+    out: list[float] = []
+    for v in values:
+        if out and out[-2] == v:
+            out[-1] += 1
+        else:
+            out += [v, 1]
+    return out
+
+
+def sampled(values: list[float]) -> list[float]:
+    """Updates 1-5, then every 10th (10, 20, ...): a smooth per-update schedule (poly) in a fixture; a lag of one
+    update shows at every sample."""
+    return values[:5] + values[9::10]
 
 
 def summarize_output(t: torch.Tensor, n: int = 64) -> dict[str, Any]:

@@ -17,6 +17,9 @@ without DDP's `module.` prefix) so that it loads into the semiseg network that a
 | mean_teacher, uamt | HiLab-git/SSL4MIS | `networks.vnet.VNet` | `method.net` |
 | cps (3D / 2D) | HiLab-git/SSL4MIS | `networks.vnet.VNet` / `networks.unet.UNet` (`model1`) | `method.net1` |
 | unimatch (2D) | LiheYoung/UniMatch | `more-scenarios/medical/model/unet.UNet` | `method.net.net` |
+| dtc | HiLab-git/DTC | `networks.vnet_sdf.VNet` (`n_classes=1`) | `method.net` (`SDFVNet`) |
+| ssnet | ycwu1997/SS-Net | `networks.VNet.VNet` | `method.net` |
+| admt | ZhenZHAO/AD-MT | `networks.vnet.VNet` | `method.net` (both teachers copy it) |
 
 Renaming rules. VNet family: `block_X.conv.i` -> `block_X.i`, `block_X_dw.conv.i` -> `down_X.i`,
 `block_X_up.conv.i` -> `up_X.i`; the official `encoder` / `decoderK` become `encoder` / `decoders.K-1`
@@ -25,13 +28,16 @@ blocks under `encoder.`, the rest under `decoder.`. CAML: `encoder1`/`decoder1` 
 `encoder2`/`decoder2` -> `f_a.*`, `{intra,inter}_attention.encoder_layers` -> `x4_transform.{intra,inter}_sample`,
 `projection_head1` / `prediction_head1` (Sequential 0, 1, 3) -> `projection_v` / `prediction_v` (`fc1`, `bn`,
 `fc2`), heads 2 -> `*_a`. 2D UNet: `conv_conv.` is dropped, `encoder.downN.maxpool_conv` -> `encoder.downs.N-1`,
-`decoder.upN` -> `decoder.ups.N-1`. Official modules that no semiseg loss uses (BCP's projection heads and
-contrastive class selectors) are dropped, and named in `OfficialLayout.ignored`.
+`decoder.upN` -> `decoder.ups.N-1`. DTC (flat VNet with two 1x1 heads on x9): the flat rule under `vnet.`,
+except `out_conv` (the tanh level-set head) -> `sdf_head` and `out_conv2` (the segmentation) ->
+`vnet.decoder.out_conv`. Official modules that no semiseg loss uses (BCP's projection heads and
+contrastive class selectors, SS-Net's likewise: semiseg keeps them on the method, outside the evaluated
+network) are dropped, and named in `OfficialLayout.ignored`.
 
 URPC has no entry: its official network (SSL4MIS `unet_3D_dv_semi`) is a 3D UNet with no semiseg counterpart
 (semiseg's URPC pyramid is on the VNet; docs/methods/urpc.md); UniMatch has no official 3D network.
 
-The official code has no licence for CAML, MLRPL and UA-MT: nothing of it is here, only the key names.
+The official code has no licence for CAML, MLRPL, UA-MT and AD-MT: nothing of it is here, only the key names.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ class OfficialLayout:
     network: str
     """Official module path and class, relative to the repository's code folder."""
     family: str
-    """`vnet` (encoder / decoderK children), `vnet_flat` (blocks at the top level), `caml` or `unet2d`."""
+    """`vnet` (encoder / decoderK children), `vnet_flat` (blocks at the top level), `dtc` (flat, two heads), `caml`
+    or `unet2d`."""
     target: str
     """Attribute path, inside the semiseg method, of the module that receives the weights."""
     ignored: tuple[str, ...] = ()
@@ -84,6 +91,10 @@ LAYOUTS: dict[tuple[str, int], OfficialLayout] = {
     ("cps", 2): OfficialLayout("HiLab-git/SSL4MIS", "code/networks/unet.py:UNet", "unet2d", "net1"),
     ("unimatch", 2): OfficialLayout("LiheYoung/UniMatch", "more-scenarios/medical/model/unet.py:UNet", "unet2d",
                                     "net.net"),
+    ("dtc", 3): OfficialLayout("HiLab-git/DTC", "code/networks/vnet_sdf.py:VNet", "dtc", "net"),
+    ("ssnet", 3): OfficialLayout("ycwu1997/SS-Net", "code/networks/VNet.py:VNet", "vnet", "net",
+                                 ("projection_head.", "prediction_head.", "contrastive_class_selector")),
+    ("admt", 3): OfficialLayout("ZhenZHAO/AD-MT", "code/networks/vnet.py:VNet", "vnet_flat", "net"),
 }
 
 
@@ -118,6 +129,14 @@ def _map_vnet_flat(key: str) -> str:
     block = key.split(".", 1)[0]
     encoder = block in _ENCODER_BLOCKS or block.endswith("_dw") or block == "dropout"
     return ("encoder." if encoder else "decoder.") + _vnet_blocks(key)
+
+
+_DTC_HEADS = {"out_conv": "sdf_head", "out_conv2": "vnet.decoder.out_conv"}
+
+
+def _map_dtc(key: str) -> str:
+    head, _, rest = key.partition(".")
+    return f"{_DTC_HEADS[head]}.{rest}" if head in _DTC_HEADS else "vnet." + _map_vnet_flat(key)
 
 
 _CAML_HEADS = {"projection_head1": "projection_v", "prediction_head1": "prediction_v",
@@ -155,6 +174,8 @@ def key_map(official_keys: list[str], method: str, spatial_dims: int) -> dict[st
                 mapping[key] = _map_vnet(key)
             elif layout.family == "vnet_flat":
                 mapping[key] = _map_vnet_flat(key)
+            elif layout.family == "dtc":
+                mapping[key] = _map_dtc(key)
             else:
                 mapping[key] = _map_unet2d(key)
         except (KeyError, IndexError):
@@ -229,7 +250,8 @@ def target_module(method: Method) -> torch.nn.Module:
 
 
 def load_official_checkpoint(path: Path, method: Method) -> None:
-    """Load an official training script's checkpoint into `method` (its EMA teacher, if any, copies it)."""
+    """Load an official training script's checkpoint into `method` (its EMA teacher or teachers, if any, copy it:
+    the evaluated network holds the file's weights whichever one the method evaluates)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: official checkpoint not found")
@@ -248,3 +270,5 @@ def load_official_checkpoint(path: Path, method: Method) -> None:
     teacher = getattr(method, "teacher", None)
     if teacher is not None and hasattr(teacher, "copy_from"):
         teacher.copy_from(module)
+    for copy in getattr(method, "teachers", ()):  # AD-MT's two EMA teachers (teacher 1 is evaluated)
+        copy.load_state_dict(module.state_dict())

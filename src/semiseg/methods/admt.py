@@ -149,7 +149,8 @@ class ADMT(Method):
     name = "admt"
     description = "AD-MT: two EMA teachers updated in random alternate periods, entropy-blended conflict-aware labels"
     Params = ADMTParams
-    recipe = {"iterations": 15000, "lr_schedule": "poly", "post_lcc": True, "seed": 2023}
+    # The script sets the poly rate after each update from its 0-based counter: update t uses poly(t - 2).
+    recipe = {"iterations": 15000, "lr_schedule": "poly", "poly_lag": 1, "post_lcc": True, "seed": 2023}
     presets = {"la-4": {"labeled": 4}, "la-8": {"labeled": 8}, "la-16": {"labeled": 16}}
 
     def __init__(self, params: ADMTParams, spec: NetSpec) -> None:

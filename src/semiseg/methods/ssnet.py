@@ -177,6 +177,12 @@ class SSNet(Method):
             d = l2_normalise_per_sample(grad.detach())
             return binary_dice_loss(self.net(x + p.vat_epsilon * d).softmax(1), target)
 
+    def prototype_classes(self) -> range:
+        """The classes whose memory can fill: without `background_prototypes` only correct foreground voxels
+        enter it, so the background's memory, selectors and loss term are never used, as in the official code,
+        where those selectors get no gradient and SGD leaves them alone (no weight decay, no momentum)."""
+        return range(0 if self.params.background_prototypes else 1, self.spec.num_classes)
+
     @torch.no_grad()
     def update_memory(self, features: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor) -> None:
         """Replace each class's memory with up to `memory_size` projected features of correctly predicted voxels
@@ -187,7 +193,8 @@ class SSNet(Method):
         projected = self.projection_head(features)
         self.projection_head.train(was_training)
         k = min(p.memory_size, len(projected))
-        for c, selector in enumerate(self.feature_selectors):
+        for c in self.prototype_classes():
+            selector = self.feature_selectors[c]
             mask = correct & (labels == c)
             count = mask.sum()
             score = torch.sigmoid(masked_head(selector, projected, mask, count > p.memory_size))[:, 0]
@@ -204,7 +211,7 @@ class SSNet(Method):
         classes with more than one feature and more than one memory row."""
         total = predicted.new_zeros(())
         slots = torch.arange(self.params.memory_size, device=predicted.device)
-        for c in range(self.spec.num_classes):
+        for c in self.prototype_classes():
             mask = labels == c
             count, memory_count = mask.sum(), self.memory_count[c]
             run = (count > 1) & (memory_count > 1)
