@@ -16,17 +16,22 @@ BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
 def machine() -> str:
+    """The device, and on CPU the model, family/model numbers and vector ISA: two "AMD EPYC" machines of one
+    cloud kind differ by 2x (Zen 4 with AVX-512 against Zen 3 with AVX2), so the name alone does not say which."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu}, {isa}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def commit() -> str:
