@@ -19,6 +19,7 @@ from semiseg.engine.inference import (
     sliding_window_probs,
     window_starts,
 )
+from semiseg.engine.reductions import class_argmax
 from semiseg.engine.trainer import Trainer, available_cores, set_threads, uses_channels_last
 from semiseg.errors import ConfigError
 from semiseg.methods.base import NetSpec
@@ -167,3 +168,14 @@ def test_evaluate_card_states_the_fast_options(tmp_path, tiny_synthetic: str) ->
     assert plain["protocol"]["inference"]["fold_bn"] is False and plain["protocol"]["inference"]["cpu_bf16"] is False
     fast = evaluate_checkpoint(tmp_path / "run", tmp_path / "e3", device="cpu", fold_bn=True, cpu_bf16=True)
     assert fast["protocol"]["inference"]["fold_bn"] is True and fast["protocol"]["inference"]["cpu_bf16"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_argmax_equals_argmax_with_ties_nan_and_channels_last(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (2, 4, 6, 5, 3)).to(dtype)  # integer values: many ties between classes
+    x[0, 2, 1, 1, 1] = float("nan")
+    for t in (x, x.contiguous(memory_format=torch.channels_last_3d)):
+        for dim in (0, 1):
+            assert torch.equal(class_argmax(t, dim), t.argmax(dim))
+    assert class_argmax(x)[0, 1, 1, 1] == 2  # NaN wins, as in argmax

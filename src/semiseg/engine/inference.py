@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .postprocess import largest_connected_component
+from .reductions import class_argmax
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -143,7 +144,7 @@ def predict_volume(net: nn.Module, image: np.ndarray, protocol: InferenceProtoco
     if protocol.mode == "sliding_window":
         probs = sliding_window_probs(net, tensor, protocol.patch_size, protocol.stride, protocol.sw_batch_size,
                                      protocol.cpu_bf16)
-        label = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        label = class_argmax(probs, 0).to(torch.uint8).cpu().numpy()
     elif protocol.mode == "slicewise":
         from .slicewise import slicewise_labels
 

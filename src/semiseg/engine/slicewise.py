@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .inference import autocast_for
+from .reductions import class_argmax
 
 
 def zoom_indices(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
@@ -48,5 +49,5 @@ def slicewise_labels(net: nn.Module, volume: torch.Tensor, size: Sequence[int], 
     for start in range(0, len(slices), batch_size):
         with autocast_for(volume.device, cpu_bf16):
             logits = net(slices[start:start + batch_size])
-        labels.append(logits.float().softmax(1).argmax(1))
+        labels.append(class_argmax(logits.float().softmax(1)))
     return zoom_nearest_2d(torch.cat(labels), (height, width))

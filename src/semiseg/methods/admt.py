@@ -23,6 +23,7 @@ from torch import nn
 
 from ..data.loader import Batch
 from ..engine.losses import dice_ce_loss
+from ..engine.reductions import class_argmax
 from ..engine.schedules import sigmoid_rampup
 from ..errors import ConfigError
 from ..nets import default_network
@@ -198,7 +199,7 @@ class ADMT(Method):
         self.teachers[idle].eval()
         p1 = self.teachers[0](weak).softmax(1)
         p2 = self.teachers[1](weak).softmax(1)
-        conflict = p1.argmax(1) != p2.argmax(1)
+        conflict = class_argmax(p1) != class_argmax(p2)
         confidence, label = entropy_blend(p1, p2, self.params.ensemble_temperature).max(1)
         return label, confidence, conflict
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.loader import Batch
 from ..engine.losses import binary_dice_loss, dice_ce_loss, sharpen
+from ..engine.reductions import class_argmax
 from ..engine.schedules import sigmoid_rampup
 from ..nets.caml import CAMLNet, CAMLOutput, at_least_float32
 from . import register
@@ -151,7 +152,7 @@ class CAML(Method):
         """Update the bank with this batch, sample it, and return (OCC loss, number of rows it averages)."""
         n = batch.n_labeled
         confidence_v, pred_v = prob_v.detach().max(1)
-        pred_a = prob_a.detach().argmax(1)
+        pred_a = class_argmax(prob_a.detach())
         emb_v, emb_a = at_least_float32(out.emb_v), at_least_float32(out.emb_a)
         with torch.autocast(emb_v.device.type, enabled=False):
             self.update_memory(emb_v[:n], emb_a[:n], pred_v[:n], pred_a[:n], batch.label_labeled,

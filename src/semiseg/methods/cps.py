@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.loader import Batch
 from ..engine.losses import dice_ce_loss
+from ..engine.reductions import class_argmax
 from ..engine.schedules import sigmoid_rampup
 from ..nets import default_network
 from . import register
@@ -59,7 +60,7 @@ def init_weights(net: nn.Module, kind: Literal["kaiming", "xavier"]) -> nn.Modul
 
 def cross_pseudo_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE(a, argmax b), CE(b, argmax a)), per-voxel means; the hard targets carry no gradient."""
-    target_a, target_b = logits_a.detach().argmax(1), logits_b.detach().argmax(1)
+    target_a, target_b = class_argmax(logits_a.detach()), class_argmax(logits_b.detach())
     return F.cross_entropy(logits_a.float(), target_b), F.cross_entropy(logits_b.float(), target_a)
 
 

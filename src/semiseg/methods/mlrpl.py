@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.loader import Batch
 from ..engine.losses import binary_dice_loss
+from ..engine.reductions import class_argmax
 from ..engine.schedules import sigmoid_rampup
 from ..errors import ConfigError
 from ..nets import MultiDecoderVNet
@@ -94,7 +95,7 @@ def reliability_weight(probs: torch.Tensor, features: torch.Tensor) -> torch.Ten
     similarities. In [0, 1] for post-ReLU features; computed in float32 outside autocast, no gradient."""
     with torch.autocast(features.device.type, enabled=False):
         probs, features = probs.float(), features.float()
-        prototypes = class_prototypes(features, probs.argmax(1), probs.shape[1])
+        prototypes = class_prototypes(features, class_argmax(probs), probs.shape[1])
         return 1 - (prototype_similarity(features, prototypes) - probs).pow(2).mean(1)
 
 
@@ -109,7 +110,7 @@ def directional_loss(student_logits: torch.Tensor, student_probs: torch.Tensor, 
                 > uncertainty(teacher_probs, params.reliability_measure)).float()
         weight = reliability_weight(teacher_probs, teacher_features) * mask
     ce_input = student_logits if params.pseudo_ce_input == "logits" else student_probs
-    ce = F.cross_entropy(ce_input, teacher_probs.argmax(1), reduction="none")
+    ce = F.cross_entropy(ce_input, class_argmax(teacher_probs), reduction="none")
     norm = mask.sum() if params.pseudo_loss_norm == "mask_count" else weight.sum()
     return (ce * weight).sum() / (norm + 1e-6), mask, weight
 

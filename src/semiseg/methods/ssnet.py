@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.loader import Batch
 from ..engine.losses import binary_dice_loss
+from ..engine.reductions import class_argmax
 from ..engine.schedules import sigmoid_rampup
 from ..errors import ConfigError
 from ..nets import VNet
@@ -228,7 +229,7 @@ class SSNet(Method):
         logits, embedding = self.net.forward_with_features(batch.images)
         probs = logits.softmax(1)
         labels = batch.label_labeled
-        prediction = probs.argmax(1)
+        prediction = class_argmax(probs)
         correct = prediction[:n_lab] == labels
         if not p.background_prototypes:
             correct = correct & (prediction[:n_lab] > 0)
