@@ -85,7 +85,9 @@ class FeatureHead(nn.Module):
             h = bn(self.fc1(rows))
         else:
             weight, bias = self.masked_batch_norm_affine(rows, row_mask, self.fc1.weight, self.fc1.bias)
-            h = torch.addmm(bias, rows, weight.T)
+            # A contiguous [in, out] operand: autograd then forms the weight gradient as rows.T @ grad, not as
+            # (grad.T @ rows).T, which CPU BLAS computes 2.6x slower for [262144, 8] rows (331 -> 127 ms fwd+bwd).
+            h = torch.addmm(bias, rows, weight.T.contiguous())
         return h.relu()
 
     def masked_batch_norm_affine(self, x: torch.Tensor, row_mask: torch.Tensor, weight: torch.Tensor,
@@ -130,7 +132,7 @@ def embed(projection: FeatureHead, prediction: FeatureHead, rows: torch.Tensor,
     weight, bias = prediction.masked_batch_norm_affine(hidden, row_mask, last.weight @ first.weight,
                                                        last.weight @ first.bias + last.bias)
     kept = hidden if keep is None else hidden[keep]
-    return prediction.fc2(torch.addmm(bias, kept, weight.T).relu())
+    return prediction.fc2(torch.addmm(bias, kept, weight.T.contiguous()).relu())
 
 
 class CAMLOutput(NamedTuple):
