@@ -18,7 +18,14 @@ on `--cases` LA-mini test volumes with the default fp32 path and with the infere
 
     python benchmarks/cpu_options.py options --rounds 3 --update-md
     python benchmarks/cpu_options.py la-mini --iterations 8 --update-md
+`windows`: the paper-size evaluation network (VNet, 16 filters, 112x112x80 windows) on `--cases` full-size LA test
+volumes at stride 56/40 with 1, 2 and 4 windows per forward pass, interleaved over `--rounds`: seconds per volume
+(median) and whether the label maps are identical, to choose `semiseg.engine.model_file.CPU_WINDOWS` (the memory
+side, about 320-360 MiB per extra window, is measured by `lean_artifacts.py`). The weights are random (seed 0): the
+time of a forward pass does not depend on them.
+
     python benchmarks/cpu_options.py inference --cases 4 --rounds 2 --update-md
+    python benchmarks/cpu_options.py windows --cases 1 --rounds 3 --update-md
 """
 
 from __future__ import annotations
@@ -129,10 +136,39 @@ def inference(cases: int, rounds: int, la: Path, work: Path) -> list[dict]:
             for name in variants]
 
 
+def windows(cases: int, rounds: int, la: Path, sizes: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
+    import time
+
+    import torch
+
+    from semiseg.data import open_dataset
+    from semiseg.engine.inference import sliding_window_probs
+    from semiseg.engine.reductions import class_argmax
+    from semiseg.methods.base import NetSpec
+    from semiseg.nets import default_network
+
+    torch.manual_seed(0)
+    net = default_network(NetSpec(n_filters=16)).eval()  # in the layout `semiseg evaluate` runs it (NCDHW)
+    layout = open_dataset(str(la))
+    volumes = [torch.from_numpy(layout.read_eval(c).image).float() for c in layout.test_ids[:cases]]
+    seconds: dict[int, list[float]] = {n: [] for n in sizes}
+    labels: dict[int, list[torch.Tensor]] = {}
+    for _ in range(rounds):
+        for n in sizes:
+            t0 = time.perf_counter()
+            labels[n] = [class_argmax(sliding_window_probs(net, v, (112, 112, 80), (56, 56, 40), n), 0)
+                         for v in volumes]
+            seconds[n].append((time.perf_counter() - t0) / len(volumes))
+            print(f"windows {n}: {seconds[n][-1]:.2f} s/volume", file=sys.stderr, flush=True)
+    return [{"windows": n, "s_per_volume": statistics.median(seconds[n]), "all_s": seconds[n],
+             "labels_identical": all(torch.equal(a, b) for a, b in zip(labels[n], labels[sizes[0]], strict=True))}
+            for n in sizes]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="options", choices=["options", "la-mini", "inference"])
-    parser.add_argument("--cases", type=int, default=4, help="inference: LA-mini test volumes")
+    parser.add_argument("mode", nargs="?", default="options", choices=["options", "la-mini", "inference", "windows"])
+    parser.add_argument("--cases", type=int, default=4, help="test volumes (inference: LA-mini, windows: LA)")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement, after one warm-up")
@@ -179,6 +215,21 @@ def main() -> None:
             update_section("cpu-inference", f"### Inference options on CPU, LA-mini volumes\n\n{stamp()}\n\nCommand: "
                            f"`python benchmarks/cpu_options.py inference --cases {args.cases} --rounds {args.rounds}`"
                            f" (median over rounds; patch 64x64x32, stride 9/9/2, 8 filters)\n\n{md}\n")
+    elif args.mode == "windows":
+        rows = windows(args.cases, args.rounds, args.la)
+        (results / "cpu_windows.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
+        base = rows[0]["s_per_volume"]
+        md = markdown_table(["windows per forward pass", "s/volume (median)", "each round", "vs 1 window",
+                             "labels identical to 1 window"],
+                            [[str(r["windows"]), f"{r['s_per_volume']:.2f}", " / ".join(f"{t:.2f}" for t in r["all_s"]),
+                              f"{r['s_per_volume'] / base:.2f}x", "yes" if r["labels_identical"] else "no"]
+                             for r in rows])
+        print(md)
+        if args.update_md:
+            update_section("cpu-windows", f"### Windows per forward pass on CPU, paper-size evaluation\n\n{stamp()}"
+                           f"\n\nCommand: `python benchmarks/cpu_options.py windows --cases {args.cases} --rounds "
+                           f"{args.rounds}` (VNet 16 filters, 112x112x80 windows, stride 56/40, full-size LA test "
+                           f"volumes; median over interleaved rounds)\n\n{md}\n")
     else:
         rows = la_mini(methods, args.iterations, args.la, args.work)
         (results / "la_mini_speed.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))

@@ -5,9 +5,10 @@ peak resident memory of `semiseg evaluate` on LA test volumes, before and after 
 
 1. A dataset folder with the LA training list and the first `--cases` test volumes (symlinks into `--la`).
 2. One run folder per method (`--methods`), trained for `--iterations` iterations at the paper's sizes (la-8 recipe,
-   112x112x80 patch, 16 filters), unless already there: the sizes, not the training, decide the memory (CAML's
-   memory bank is allocated at its first step). The runs use a stride of 56x56x40 so that each volume needs 12
-   windows instead of the protocol's 45-54; the peak memory does not depend on the number of windows.
+   112x112x80 patch, 16 filters) with the `--before` code (which both codes can read), unless already there: the
+   sizes, not the training, decide the memory (CAML's memory bank is allocated at its first step). The runs use a
+   stride of 56x56x40 so that each volume needs 12 windows instead of the protocol's 45-54; the peak memory does
+   not depend on the number of windows.
 3. `semiseg export` of each run; then `semiseg evaluate` of the run folder with the code of `--before` (a commit,
    extracted with `git archive`) and with this checkout, and of the exported file, each in its own process, whose
    peak resident set (`ru_maxrss`) is read when it exits. The per-case metrics of the three must be identical.
@@ -15,14 +16,18 @@ peak resident memory of `semiseg evaluate` on LA test volumes, before and after 
 4. With `--official-caml CHECKOUT` (Herschel555/CAML): the official test script `code/test_3d.py` on the same
    volumes, with the CAML run's weights in the official key layout and the run's stride instead of its hard-coded
    one (`official_caml_test.py` says how it runs in place), in its own process beside `semiseg evaluate` of the run
-   folder (and, for the cost of semiseg's 2-window batch on CPU, with one window per forward pass); its peak
+   folder (and with the other window batch on CPU, 1 or 2 windows per forward pass, for what a window costs); its peak
    resident set, and its per-case medpy Dice / Jaccard / HD95 / ASD against semiseg's. Needs medpy,
    nibabel, scikit-image, h5py and tqdm (which semiseg does not); skipped when the checkout is absent.
 
     python benchmarks/lean_artifacts.py --cases 2 --before a5b5541 --official-caml /tmp/official/CAML --update-md
 
 Methods already measured in `--work` (its results.json) are skipped, and so is the official run once its
-official-caml.json is there, so an interrupted call continues.
+official-caml.json is there, so an interrupted call continues. `--merge` re-measures only `--methods` and keeps the
+committed rows of the others (the table says which code's window batch each row ran with):
+
+    python benchmarks/lean_artifacts.py --cases 2 --before a5b5541 --methods caml --merge \
+        --official-caml /tmp/official/CAML --update-md
 """
 
 from __future__ import annotations
@@ -89,22 +94,24 @@ def measured(args: list[str], log: Path, pythonpath: Path | None = None,
             "rc": os.waitstatus_to_exitcode(status)}
 
 
-def ensure_run(method: str, data: Path, work: Path, iterations: int) -> Path:
-    """The method's run folder in `work`, trained for `iterations` iterations at the paper's sizes if missing."""
+def ensure_run(method: str, data: Path, work: Path, iterations: int, before_src: Path) -> Path:
+    """The method's run folder in `work`, trained for `iterations` iterations at the paper's sizes if missing, with
+    the `--before` code, so that both the before and the after code can read it (a newer run folder may hold
+    settings the older code does not know)."""
     run = work / "runs" / method
     if not (run / "checkpoint.pt").is_file():
         preset = [] if method == "supervised" else ["--preset", "la-8"]
         log = work / "logs" / f"{method}-train.log"
         train = measured(["train", "--method", method, *preset, "--data", str(data), "--iterations", str(iterations),
                           "--set", f"stride={STRIDE}", "--set", "num_workers=0", *TRAIN_EXTRA.get(method, []),
-                          "--out", str(run), "--quiet"], log)
+                          "--out", str(run), "--quiet"], log, before_src)
         if train["rc"] != 0:
             raise SystemExit(f"training {method} failed, see {log}")
     return run
 
 
 def run_method(method: str, data: Path, work: Path, before_src: Path, iterations: int, jobs: int) -> dict:
-    run = ensure_run(method, data, work, iterations)
+    run = ensure_run(method, data, work, iterations, before_src)
     model = work / "models" / f"{method}.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     export = measured(["export", str(run), "--out", str(model)], work / "logs" / f"{method}-export.log")
@@ -112,13 +119,14 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
         raise SystemExit(f"export of {method} failed, see {work / 'logs' / f'{method}-export.log'}")
     import torch
 
+    from semiseg.engine.model_file import CPU_WINDOWS
     from semiseg.nets import evaluated_parameters, portable
 
     payload = torch.load(model, weights_only=True, mmap=True)
     params = evaluated_parameters(portable.build(payload["network"]))
     result = {"method": method, "checkpoint_mib": (run / "checkpoint.pt").stat().st_size / 2**20,
               "model_mib": model.stat().st_size / 2**20, "params": params, "fp32_mib": 4 * params / 2**20,
-              "evaluate": {}, "identical": None}
+              "evaluate": {}, "identical": None, "cpu_windows": CPU_WINDOWS}
     variants = (("before", run, before_src), ("after", run, None), ("after_model", model, None))
 
     def evaluate(variant: str, source: Path, src: Path | None) -> tuple[dict[str, float], list]:
@@ -159,7 +167,8 @@ def compare_cases(official: dict[str, list[float]], ours: dict[str, list[float]]
     return {"identical": agree, "max_abs_diff": worst}
 
 
-def official_caml(checkout: Path, data: Path, work: Path, iterations: int, jobs: int) -> dict | None:
+def official_caml(checkout: Path, data: Path, work: Path, iterations: int, jobs: int,
+                  before_src: Path) -> dict | None:
     """The official CAML test script and `semiseg evaluate` on the same volumes, weights and windows, each in its
     own process (peak resident set of each); None when `checkout` has no official test script."""
     from official_caml_test import official_available
@@ -168,7 +177,7 @@ def official_caml(checkout: Path, data: Path, work: Path, iterations: int, jobs:
         print(f"--official-caml {checkout}: no official CAML test script there; the official column is skipped",
               flush=True)
         return None
-    run = ensure_run("caml", data, work, iterations)
+    run = ensure_run("caml", data, work, iterations, before_src)
     scratch = work / "official-caml"
     shutil.rmtree(scratch, ignore_errors=True)
     runner = (str(REPO / "benchmarks" / "official_caml_test.py"),)
@@ -204,19 +213,27 @@ def official_caml(checkout: Path, data: Path, work: Path, iterations: int, jobs:
             "comparison": compare_cases(official["cases"], ours)}
 
 
-def one_window(official: dict, data: Path, work: Path) -> dict:
-    """`semiseg evaluate` of the CAML run with one window per forward pass on CPU (as the official script), in its
-    own process: its peak, and whether its per-case metrics are those of the default (2 windows)."""
-    out = work / "eval" / "caml-one-window"
+def other_windows(official: dict, data: Path, work: Path) -> dict:
+    """`semiseg evaluate` of the CAML run with the other window batch on CPU (2 windows per forward pass when the
+    default `CPU_WINDOWS` is 1, else 1), in its own process: its peak, and whether its per-case metrics are those
+    of the default. What one more window's activations cost, or save."""
+    from semiseg.engine.model_file import CPU_WINDOWS
+
+    windows = 2 if CPU_WINDOWS == 1 else 1
+    out = work / "eval" / f"caml-{windows}-windows"
     shutil.rmtree(out, ignore_errors=True)
-    log = work / "logs" / "caml-semiseg-one-window.log"
-    m = measured(["semiseg", "1", "evaluate", str(work / "runs" / "caml"), "--data", str(data), "--out", str(out),
-                  "--device", "cpu"], log, program=(str(REPO / "benchmarks" / "official_caml_test.py"),))
+    log = work / "logs" / f"caml-semiseg-{windows}-windows.log"
+    m = measured(["semiseg", str(windows), "evaluate", str(work / "runs" / "caml"), "--data", str(data), "--out",
+                  str(out), "--device", "cpu"], log, program=(str(REPO / "benchmarks" / "official_caml_test.py"),))
     if m["rc"] != 0:
-        raise SystemExit(f"semiseg evaluate with one window failed, see {log}")
-    print(f"caml         1 window    peak {m['peak_mib']:7.0f} MiB  {m['wall_s']:6.1f} s", flush=True)
+        raise SystemExit(f"semiseg evaluate with {windows} windows per forward pass failed, see {log}")
+    print(f"caml         {windows} windows   peak {m['peak_mib']:7.0f} MiB  {m['wall_s']:6.1f} s", flush=True)
     ours = {c["case"]: [c[k] for k in METRICS] for c in json.loads((out / "summary.json").read_text())["cases"]}
-    return {**m, "identical": ours == official["semiseg_cases"]}
+    return {**m, "windows": windows, "identical": ours == official["semiseg_cases"]}
+
+
+def windows_label(n: int) -> str:
+    return f"{n} window{'s' if n > 1 else ''} per forward pass"
 
 
 def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
@@ -225,12 +242,14 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
     peak_o, peak_s = official["official"]["peak_mib"], official["semiseg"]["peak_mib"]
     comparison = official["comparison"]
     asked, used = official["strides_asked"], official["strides_used"]
+    default = official.get("default_windows", 2)  # measurements before `CPU_WINDOWS` was recorded: 2
     rows = [["official `code/test_3d.py`", f"{peak_o:.0f}", f"{official['official']['wall_s']:.0f}"],
-            ["semiseg evaluate (run folder)", f"{peak_s:.0f}", f"{official['semiseg']['wall_s']:.0f}"]]
-    single = official.get("one_window")
-    if single:
-        rows.append(["semiseg evaluate, 1 window per forward pass", f"{single['peak_mib']:.0f}",
-                     f"{single['wall_s']:.0f}"])
+            [f"semiseg evaluate (run folder, default: {windows_label(default)})", f"{peak_s:.0f}",
+             f"{official['semiseg']['wall_s']:.0f}"]]
+    other = official.get("other_windows")
+    if other:
+        rows.append([f"semiseg evaluate, {windows_label(other['windows'])}", f"{other['peak_mib']:.0f}",
+                     f"{other['wall_s']:.0f}"])
     cases = []
     for case, values in official["official_cases"].items():
         ours = official["semiseg_cases"][case]
@@ -241,15 +260,17 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
     if not comparison["identical"]:
         verdict = "**Target not met**: the per-case metrics differ"
     elif all(v <= peak_o for v in peaks.values()):
-        verdict = f"**Target met**: semiseg's evaluation peaks {listed} are at most the official {peak_o:.0f} MiB"
+        verdict = (f"**Target met** at the default ({windows_label(default)}): semiseg's evaluation peaks {listed} "
+                   f"are at most the official {peak_o:.0f} MiB, with identical metrics")
     else:
-        verdict = (f"**Target not met** at the default: semiseg's evaluation peaks {listed} against the official "
-                   f"{peak_o:.0f} MiB; the metrics are identical")
-        if single:
-            met = single["peak_mib"] <= peak_o and single["identical"]
-            verdict += (f". With one window per forward pass, as the official script: {single['peak_mib']:.0f} MiB "
-                        f"({single['peak_mib'] - peak_o:+.0f}), per-case metrics "
-                        + ("identical: target met" if met else "identical" if single["identical"] else "**differ**"))
+        verdict = (f"**Target not met** at the default ({windows_label(default)}): semiseg's evaluation peaks "
+                   f"{listed} against the official {peak_o:.0f} MiB; the metrics are identical")
+    if other and comparison["identical"]:
+        met = other["peak_mib"] <= peak_o and other["identical"]
+        verdict += (f". With {windows_label(other['windows'])}: {other['peak_mib']:.0f} MiB "
+                    f"({other['peak_mib'] - peak_o:+.0f}), per-case metrics "
+                    + ("identical: within the target" if met else "identical, above the official peak"
+                       if other["identical"] else "**differ**"))
     return "\n".join([
         "", "#### CAML: the official test script beside `semiseg evaluate`", "",
         "The official CAML test script (Herschel555/CAML, `code/test_3d.py` with `utils/test_patch.py`) runs "
@@ -282,12 +303,13 @@ def markdown(results: list[dict], command: str, n_cases: int, official: dict | N
         rows.append([r["method"], f"{r['checkpoint_mib']:.1f}", f"{r['model_mib']:.1f}", f"{r['params']:,d}",
                      f"{r['fp32_mib']:.1f}", f"{100 * (r['model_mib'] / r['fp32_mib'] - 1):+.1f} %",
                      f"{ev['before']['peak_mib']:.0f}", f"{ev['after']['peak_mib']:.0f}",
-                     f"{ev['after_model']['peak_mib']:.0f}",
+                     f"{ev['after_model']['peak_mib']:.0f}", str(r.get("cpu_windows", 2)),
                      f"{official['official']['peak_mib']:.0f}" if official and r["method"] == "caml" else "-",
                      "yes" if r["identical"] else "**no**"])
     table = markdown_table(["method", "checkpoint.pt MiB", "model.pt MiB", "evaluated params", "fp32 weights MiB",
                             "model.pt vs fp32", "evaluate peak MiB, before", "after (run folder)",
-                            "after (model.pt)", "official test script peak MiB", "per-case metrics identical"], rows)
+                            "after (model.pt)", "CPU windows per pass (after)", "official test script peak MiB",
+                            "per-case metrics identical"], rows)
     caml = next((r for r in results if r["method"] == "caml"), None)
     table_peaks = {"run folder": caml["evaluate"]["after"]["peak_mib"],
                    "model.pt": caml["evaluate"]["after_model"]["peak_mib"]} if caml else {}
@@ -299,7 +321,8 @@ def markdown(results: list[dict], command: str, n_cases: int, official: dict | N
         f"{n_cases} LA test volumes on this CPU, each call in a fresh process whose peak resident set is read when it "
         "exits (MiB). Before: the code of the commit named in the command, which loads the whole checkpoint and "
         "builds the whole method; after: the inference network's tensors alone, read from the memory-mapped "
-        "checkpoint, and at most 2 windows per forward pass on CPU; after (model.pt): the exported file. The runs "
+        "checkpoint, with at most the windows per forward pass on CPU of its column (`CPU_WINDOWS` of the code that "
+        "measured the row: 2 before 2026-12-03, 1 since); after (model.pt): the exported file. The runs "
         f"use a stride of {STRIDE.replace(',', 'x')} (12 windows per volume) to save time: the peak does not depend "
         "on the number of windows. CrossMatch is trained with a 1+2 batch (its checkpoint holds no batch-sized "
         "state). fp32 weights = 4 bytes x the evaluated network's parameters. The official column: the official "
@@ -322,6 +345,8 @@ def main() -> None:
     parser.add_argument("--official-caml", type=Path, default=None,
                         help="checkout of Herschel555/CAML: run its test script beside semiseg evaluate (skipped "
                         "when the folder has no code/test_3d.py)")
+    parser.add_argument("--merge", action="store_true", help="keep the committed rows (benchmarks/results/"
+                        "lean-artifacts.json) of the methods not named in --methods; each row states its windows")
     parser.add_argument("--update-md", action="store_true")
     args = parser.parse_args()
     for sub in ("logs", "eval", "runs"):
@@ -330,6 +355,10 @@ def main() -> None:
     before_src = before_tree(args.before, args.work)
     results_file = args.work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    committed = REPO / "benchmarks" / "results" / "lean-artifacts.json"
+    if args.merge and committed.is_file():
+        kept = {r["method"]: r for r in json.loads(committed.read_text()) if r["method"] not in args.methods}
+        results = {**kept, **results}
     for method in args.methods:
         if method in results:  # measured by an earlier call with this --work
             continue
@@ -341,9 +370,12 @@ def main() -> None:
     if official_file.is_file():  # measured by an earlier call with this --work
         official = json.loads(official_file.read_text())
     elif args.official_caml is not None:
-        official = official_caml(args.official_caml, data, args.work, args.iterations, args.jobs)
-    if official is not None and "one_window" not in official:
-        official["one_window"] = one_window(official, data, args.work)
+        official = official_caml(args.official_caml, data, args.work, args.iterations, args.jobs, before_src)
+    if official is not None and "other_windows" not in official:
+        from semiseg.engine.model_file import CPU_WINDOWS
+
+        official["default_windows"] = CPU_WINDOWS
+        official["other_windows"] = other_windows(official, data, args.work)
     if official is not None:
         official_file.write_text(json.dumps(official, indent=1))
     ordered = [results[m] for m in METHODS if m in results]

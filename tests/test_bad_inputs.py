@@ -109,6 +109,7 @@ def test_checkpoint_wrong_inside_is_one_line_for_evaluate_and_predict(name: str,
                  ["predict", str(bad), str(image), "--out", str(tmp_path / "pred")]):
         err = _one_line_error(args, capsys, monkeypatch)
         assert f"{bad}: " in err and message in err, (args, err)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "pred").exists()  # refused: no empty folders left
 
 
 def test_resume_from_a_checkpoint_with_a_damaged_optimizer_state_is_one_line(tiny_run: Path, tmp_path: Path,

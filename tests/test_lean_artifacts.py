@@ -67,16 +67,20 @@ def test_report_states_the_verdict_against_the_official_peak() -> None:
     assert "1150 MiB (model.pt, table above, -850)" in text
     over = lean.official_markdown(result, {"model.pt": 2100.0})
     assert "**Target not met**" in over and "+100" in over
-    result["one_window"] = {"peak_mib": 1500.0, "wall_s": 6.0, "identical": True}
-    single = lean.official_markdown(result, {"model.pt": 2100.0})
-    assert "1 window per forward pass | 1500" in single and "1500 MiB (-500), per-case metrics identical: target met" \
-        in single
+    assert "(run folder, default: 2 windows per forward pass)" in over  # measured before the default was recorded
+    result.update(default_windows=1, other_windows={"windows": 2, "peak_mib": 2500.0, "wall_s": 6.0,
+                                                    "identical": True})
+    other = lean.official_markdown(result, {"model.pt": 1150.0})
+    assert "**Target met** at the default (1 window per forward pass)" in other
+    assert "2 windows per forward pass | 2500" in other
+    assert "2500 MiB (+500), per-case metrics identical, above the official peak" in other
     result["comparison"] = lean.compare_cases(cases, {"A": [0.5, 0.8, 5.0, 1.5]})
     assert "metrics differ" in lean.official_markdown(result, {"model.pt": 1150.0})
 
 
 def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Nothing is trained or evaluated: the checkout test comes first.
-    assert lean.official_caml(tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1) is None
+    assert lean.official_caml(tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1,
+                              tmp_path / "src") is None
     assert "skipped" in capsys.readouterr().out
     assert not (tmp_path / "work").exists()

@@ -101,3 +101,4 @@ def test_cli_evaluates_an_official_checkpoint(tmp_path: Path, tiny_synthetic: st
                           (["--method", "mcnet", "--data", tiny_synthetic, "--set", "n_filters=2"], "is not part of")):
         code, _, err = _cli(["evaluate", "--official-checkpoint", str(CAML_FILE), *args], capsys, monkeypatch)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (CAML_FILE.parent / "eval-test").exists()  # a refused evaluation leaves no folder beside the file

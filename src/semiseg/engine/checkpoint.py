@@ -6,6 +6,8 @@ import dataclasses
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,23 @@ def check_writable(folder: Path) -> None:
     except OSError as exc:
         raise CheckpointError(f"{folder}: output folder is not writable ({exc.strerror}); choose another --out "
                               "or free disk space") from None
+
+
+@contextmanager
+def writable_output(folder: Path) -> Iterator[None]:
+    """`check_writable(folder)` for the length of a command: the folders it had to create are removed again, when
+    still empty, if the command fails, so a refused command leaves nothing beside the user's files."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    check_writable(folder)
+    try:
+        yield
+    except BaseException:
+        for made in created:
+            try:
+                made.rmdir()
+            except OSError:  # not empty: something was written, and it stays
+                break
+        raise
 
 
 def checkpoint_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..data import Layout, dataset_fingerprint, locate_dataset, open_dataset
 from ..data.prepare import parse_sizes
 from ..errors import ConfigError, DataError
 from ..methods.base import NetSpec
-from .checkpoint import check_writable
+from .checkpoint import writable_output
 from .inference import InferenceProtocol, predict_volume
 from .metrics import EMPTY_POLICIES, METRIC_DEFINITIONS, case_metrics, summarize
 from .model_file import MODEL, load_model
@@ -183,10 +184,12 @@ def _case_line(row: dict[str, Any]) -> str:
     return "  ".join(f"{m} {row[m]:.4f}" for m in METRICS)
 
 
-def _locked_output(out: Path, command: str) -> FolderLock:
-    """The output folder, checked writable and locked before any work: one writer per folder."""
-    check_writable(Path(out))
-    return FolderLock(Path(out), command)
+@contextmanager
+def _locked_output(out: Path, command: str) -> Iterator[None]:
+    """The output folder, checked writable and locked before any work: one writer per folder (and no empty
+    folder left behind when the evaluation is refused)."""
+    with writable_output(Path(out)), FolderLock(Path(out), command):
+        yield
 
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, split: str = "test",

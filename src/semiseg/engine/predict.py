@@ -17,7 +17,7 @@ import numpy as np
 from ..data.h5 import Case, read_array, validate_case
 from ..data.prepare import CHANNEL_FILE, Recipe, Volume, read_volume, split_suffix, write_label_like
 from ..errors import DataError, one_line
-from .checkpoint import check_writable
+from .checkpoint import writable_output
 from .evaluate import resolve_checkpoint
 from .inference import predict_volume
 from .model_file import InferenceModel, load_model, recipe_json
@@ -139,7 +139,12 @@ def predict_files(checkpoint: Path, inputs: list[Path], out: Path, device: str =
     """
     if normalize not in ("auto", "zscore", "none"):
         raise DataError(f"--normalize {normalize!r}: use auto, zscore or none")
-    check_writable(Path(out))  # before any work
+    with writable_output(Path(out)):  # checked before any work; no empty folder left if refused
+        return _predict_cases(checkpoint, inputs, Path(out), device, normalize, data, progress)
+
+
+def _predict_cases(checkpoint: Path, inputs: list[Path], out: Path, device: str, normalize: str, data: str | None,
+                   progress: bool) -> list[Path]:
     ckpt_path, rule = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = load_model(ckpt_path, rule, dev)
