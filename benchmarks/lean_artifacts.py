@@ -119,14 +119,15 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
         raise SystemExit(f"export of {method} failed, see {work / 'logs' / f'{method}-export.log'}")
     import torch
 
-    from semiseg.engine.model_file import CPU_WINDOWS
+    from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
     from semiseg.nets import evaluated_parameters, portable
 
     payload = torch.load(model, weights_only=True, mmap=True)
     params = evaluated_parameters(portable.build(payload["network"]))
     result = {"method": method, "checkpoint_mib": (run / "checkpoint.pt").stat().st_size / 2**20,
               "model_mib": model.stat().st_size / 2**20, "params": params, "fp32_mib": 4 * params / 2**20,
-              "evaluate": {}, "identical": None, "cpu_windows": CPU_WINDOWS}
+              "evaluate": {}, "identical": None,
+              "cpu_windows": cpu_windows_per_pass((PAPER_WINDOW_VOXELS,))}
     variants = (("before", run, before_src), ("after", run, None), ("after_model", model, None))
 
     def evaluate(variant: str, source: Path, src: Path | None) -> tuple[dict[str, float], list]:
@@ -215,11 +216,11 @@ def official_caml(checkout: Path, data: Path, work: Path, iterations: int, jobs:
 
 def other_windows(official: dict, data: Path, work: Path) -> dict:
     """`semiseg evaluate` of the CAML run with the other window batch on CPU (2 windows per forward pass when the
-    default `CPU_WINDOWS` is 1, else 1), in its own process: its peak, and whether its per-case metrics are those
-    of the default. What one more window's activations cost, or save."""
-    from semiseg.engine.model_file import CPU_WINDOWS
+    default at the paper's size is 1, else 1), in its own process: its peak, and whether its per-case metrics are
+    those of the default. What one more window's activations cost, or save."""
+    from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
 
-    windows = 2 if CPU_WINDOWS == 1 else 1
+    windows = 2 if cpu_windows_per_pass((PAPER_WINDOW_VOXELS,)) == 1 else 1
     out = work / "eval" / f"caml-{windows}-windows"
     shutil.rmtree(out, ignore_errors=True)
     log = work / "logs" / f"caml-semiseg-{windows}-windows.log"
@@ -321,8 +322,8 @@ def markdown(results: list[dict], command: str, n_cases: int, official: dict | N
         f"{n_cases} LA test volumes on this CPU, each call in a fresh process whose peak resident set is read when it "
         "exits (MiB). Before: the code of the commit named in the command, which loads the whole checkpoint and "
         "builds the whole method; after: the inference network's tensors alone, read from the memory-mapped "
-        "checkpoint, with at most the windows per forward pass on CPU of its column (`CPU_WINDOWS` of the code that "
-        "measured the row: 2 before 2026-12-03, 1 since); after (model.pt): the exported file. The runs "
+        "checkpoint, with at most the windows per forward pass on CPU of its column (those of the code that measured "
+        "the row: 2 before 2026-12-03, 1 since); after (model.pt): the exported file. The runs "
         f"use a stride of {STRIDE.replace(',', 'x')} (12 windows per volume) to save time: the peak does not depend "
         "on the number of windows. CrossMatch is trained with a 1+2 batch (its checkpoint holds no batch-sized "
         "state). fp32 weights = 4 bytes x the evaluated network's parameters. The official column: the official "
@@ -372,9 +373,9 @@ def main() -> None:
     elif args.official_caml is not None:
         official = official_caml(args.official_caml, data, args.work, args.iterations, args.jobs, before_src)
     if official is not None and "other_windows" not in official:
-        from semiseg.engine.model_file import CPU_WINDOWS
+        from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
 
-        official["default_windows"] = CPU_WINDOWS
+        official["default_windows"] = cpu_windows_per_pass((PAPER_WINDOW_VOXELS,))
         official["other_windows"] = other_windows(official, data, args.work)
     if official is not None:
         official_file.write_text(json.dumps(official, indent=1))

@@ -26,9 +26,10 @@ Everything else is the official script: it loads the whole file, scores one wind
 score map, image and label of every case as NIfTI (its `save_result=True`). The last stdout line is a JSON object:
 the per-case metrics in test-list order, the strides the script asked for and the ones used.
 
-`semiseg WINDOWS ARGS` (measured): `semiseg ARGS` with at most WINDOWS windows per forward pass on CPU instead of
-`semiseg.engine.model_file.CPU_WINDOWS` (1, as the official script's one window at a time): what the activation
-memory of a larger window batch costs on top of the rest of the evaluation. The labels do not depend on it.
+`semiseg WINDOWS ARGS` (measured): `semiseg ARGS` with at most WINDOWS paper-size windows per forward pass on CPU
+instead of `semiseg.engine.model_file.CPU_WINDOWS` (1, as the official script's one window at a time): what the
+activation memory of a larger window batch costs on top of the rest of the evaluation. The labels do not depend
+on it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from nifti_helpers import make_dataset
 from semiseg.config import TrainConfig, build_config
 from semiseg.engine.checkpoint import save_checkpoint
 from semiseg.engine.evaluate import evaluate_checkpoint
-from semiseg.engine.model_file import FORMAT, MODEL, export_model, load_model
+from semiseg.engine.model_file import FORMAT, MODEL, cpu_windows_per_pass, export_model, load_model
 from semiseg.engine.predict import predict_files
 from semiseg.engine.trainer import Trainer
 from semiseg.methods import METHODS, available_methods
@@ -167,7 +167,7 @@ def test_round_trip_metrics_from_model_file_equal_the_run_folder(method: str, tm
     assert card["checkpoint"]["rule"] == "last" and card["checkpoint"]["iteration"] == 2
     assert card["checkpoint"]["exported_from"] == str((run / "checkpoint.pt").resolve())
     assert card["checkpoint"]["path"] == str(exported)
-    assert card["inference"]["sw_batch_size"] == 1  # on CPU: as the official scripts; 3 % slower than 2, less memory
+    assert card["inference"]["sw_batch_size"] == 4  # on CPU: small windows are batched up to one paper-size window
     at_end = torch.load(run / MODEL, weights_only=True)["weights"]
     assert all(torch.equal(at_end[k], v) for k, v in payload["weights"].items())
 
@@ -268,7 +268,10 @@ def test_windows_per_forward_do_not_change_the_labels(caml_run: Path) -> None:
     model = load_model(caml_run / MODEL)
     image = np.random.default_rng(0).standard_normal((1, 40, 36, 24)).astype(np.float32)
     protocol = model.protocol_for(torch.device("cpu"))
-    assert protocol.sw_batch_size == 1 and model.protocol.sw_batch_size == 4
+    assert protocol.sw_batch_size == 4 and model.protocol.sw_batch_size == 4  # 32x32x16 windows: 4 fit in one
+    paper = replace(model, protocol=replace(model.protocol, patch_size=(112, 112, 80)))
+    assert paper.protocol_for(torch.device("cpu")).sw_batch_size == 1  # one window at a time, as the official code
+    assert cpu_windows_per_pass((64, 64, 32)) == 7 and cpu_windows_per_pass((256, 256)) == 15
     labels = [predict_volume(model.net, image, replace(protocol, sw_batch_size=n), torch.device("cpu"))
               for n in (1, 2, 4)]
     assert all(np.array_equal(labels[0], other) for other in labels[1:])

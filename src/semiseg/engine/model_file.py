@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import chain
 from pathlib import Path
@@ -38,11 +40,19 @@ VERSION = 1
 MODEL = "model.pt"
 # A network that `nets.portable` cannot describe is rebuilt through its method (whose code is then needed).
 BY_METHOD = "method"
-# Windows per forward pass on CPU: one, as the official test scripts. Measured with the 16-filter VNet on
-# 112x112x80 windows (BENCHMARKS.md "cpu-windows"): 2 windows per pass were 3 % faster than 1 and 4 were 5 % slower,
+# Windows per forward pass on CPU: as many as fit in the voxels of CPU_WINDOWS paper-size LA windows (112x112x80),
+# so one window at a time at the paper's size, as the official test scripts. Measured with the 16-filter VNet
+# (BENCHMARKS.md "cpu-windows"): at 112x112x80, 2 windows per pass were 3 % faster than 1 and 4 were 5 % slower,
 # while each extra window holds another 320-360 MiB of activations, which put the evaluation peak above the
-# official CAML test script's (section "lean-artifacts"). The labels do not depend on it.
+# official CAML test script's (section "lean-artifacts"). Smaller windows are batched up to the same voxel count
+# (a 64x64x32 window: up to 7, within the protocol's batch). The labels do not depend on it.
 CPU_WINDOWS = 1
+PAPER_WINDOW_VOXELS = 112 * 112 * 80
+
+
+def cpu_windows_per_pass(patch: Sequence[int]) -> int:
+    """Windows of size `patch` per forward pass on CPU: as many as fit in `CPU_WINDOWS` paper-size windows."""
+    return max(1, CPU_WINDOWS * PAPER_WINDOW_VOXELS // math.prod(patch))
 
 
 @dataclass
@@ -64,15 +74,16 @@ class InferenceModel:
 
     def protocol_for(self, device: torch.device, post_lcc: bool | None = None, cpu_bf16: bool | None = None,
                      fold_bn: bool | None = None) -> InferenceProtocol:
-        """The protocol as run on `device`: at most `CPU_WINDOWS` windows per forward on CPU (the labels do not
-        depend on it), and the largest-component filter switched as asked (None: as trained)."""
+        """The protocol as run on `device`: at most `cpu_windows_per_pass` windows per forward on CPU (the labels do
+        not depend on it), and the largest-component filter switched as asked (None: as trained)."""
         protocol = self.protocol if post_lcc is None else replace(self.protocol, post_lcc=post_lcc)
         if cpu_bf16 is not None:
             protocol = replace(protocol, cpu_bf16=cpu_bf16)
         if fold_bn is not None:
             protocol = replace(protocol, fold_bn=fold_bn)
-        if torch.device(device).type == "cpu" and protocol.sw_batch_size > CPU_WINDOWS:
-            protocol = replace(protocol, sw_batch_size=CPU_WINDOWS)
+        cap = cpu_windows_per_pass(protocol.patch_size)
+        if torch.device(device).type == "cpu" and protocol.sw_batch_size > cap:
+            protocol = replace(protocol, sw_batch_size=cap)
         return protocol
 
 
