@@ -15,15 +15,26 @@ checkpoint, and the four metrics on the 20 test cases. Labelled-only with all 80
 the seed moves Dice by tens of points, so single runs do not rank methods. Writes benchmarks/results/la_mini.csv
 (one row per run) and two sections of BENCHMARKS.md: `la-mini` (every run, with its stamp) and `la-mini-seeds`
 (mean and sample standard deviation over the seeds of each setting run with more than one).
+
+`--finish-by TIME` (UTC, `HH:MM` today or an ISO date-time): a session's machine and its run folders do not outlive
+the session, so a run that cannot finish by then is worth nothing. Every training is watched: from its 50th new
+iteration on, its logged s/iteration projects the finish (plus `--finish-margin` minutes for the last evaluations);
+a run projected past TIME is stopped (SIGTERM: it writes a checkpoint and exits) and the next setting is tried,
+so one queue per core packs what fits:
+
+    taskset -c 1 python benchmarks/la_mini.py --methods bcp mean_teacher dtc --no-upper-bound --iterations 3000 \
+        --val 8 --val-every 300 --checkpoint-every 250 --work /work/la-runs --finish-by 11:25
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -73,8 +84,72 @@ def scaled_overrides(method: str, iterations: int) -> list[str]:
     return [f"{k}={v}" for k, v in scaled_schedules(method, iterations, preset).items()]
 
 
+class PastDeadline(Exception):
+    """A training stopped because its projected finish lies past `--finish-by`."""
+
+
+def parse_deadline(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """`HH:MM` (UTC, today) or an ISO date-time (UTC unless it says otherwise) as an aware datetime."""
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text):
+            hour, minute = map(int, text.split(":"))
+            return now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"--finish-by {text!r}: give HH:MM (UTC, today) or an ISO date-time") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def projected_finish(records: list[dict], iterations: int, start_iteration: int, now: dt.datetime,
+                     margin_s: float, min_new: int = 50) -> dt.datetime | None:
+    """When a run logging `records` (metrics.jsonl) reaches `iterations`, from its last logged s/iteration, plus
+    `margin_s`; None until it has logged `min_new` iterations past `start_iteration` (the iteration it started or
+    resumed at), so that start-up and a resumed run's first window do not decide."""
+    timed = [r for r in records if "s_per_it" in r and "iteration" in r]
+    if not timed or timed[-1]["iteration"] < start_iteration + min_new:
+        return None
+    last = timed[-1]
+    return now + dt.timedelta(seconds=(iterations - last["iteration"]) * last["s_per_it"] + margin_s)
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            continue
+    return out
+
+
+def supervise(cmd: list[str], metrics: Path, iterations: int, deadline: dt.datetime | None, margin_s: float,
+              poll_s: float = 30.0) -> None:
+    """Run `cmd` (a training that logs into `metrics`) to its end; with a deadline, stop it (SIGTERM, then wait
+    for its checkpoint) as soon as its projected finish lies past the deadline, and raise PastDeadline."""
+    start = max((r.get("iteration", 0) for r in _records(metrics)), default=0)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            code = proc.wait(timeout=poll_s if deadline else None)
+            break
+        except subprocess.TimeoutExpired:
+            now = dt.datetime.now(dt.UTC)
+            finish = projected_finish(_records(metrics), iterations, start, now, margin_s)
+            if finish is not None and finish > deadline:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                raise PastDeadline(f"projected to finish at {finish:%H:%M} UTC, after --finish-by "
+                                   f"{deadline:%H:%M} UTC; stopped with a checkpoint") from None
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
 def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n_filters: int,
-            extra: list[str], val: int = 0, val_every: int = 0, checkpoint_every: int = 0) -> dict:
+            extra: list[str], val: int = 0, val_every: int = 0, checkpoint_every: int = 0,
+            deadline: dt.datetime | None = None, margin_s: float = 300.0) -> dict:
     from semiseg.methods import get_method
 
     preset = ["--preset", "la-8"] if "la-8" in get_method(method).presets else []
@@ -89,7 +164,7 @@ def run_one(method: str, labeled: int, iterations: int, data: Path, out: Path, n
     if (out / "checkpoint.pt").exists():
         cmd = [sys.executable, "-m", "semiseg.cli", "train", "--out", str(out), "--resume", "--quiet"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    supervise(cmd, out / "metrics.jsonl", iterations, deadline, margin_s)
     wall = time.perf_counter() - t0
     subprocess.run([sys.executable, "-m", "semiseg.cli", "evaluate", str(out), "--out", str(out / "eval-test"),
                     "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
@@ -141,6 +216,11 @@ def main() -> None:
                         help="iterations between checkpoints (default: only at the end); an interrupted run "
                              "resumes from the last one when the command is repeated")
     parser.add_argument("--rerun", action="store_true", help="run settings that already have a row again")
+    parser.add_argument("--finish-by", default=None, metavar="TIME",
+                        help="UTC HH:MM (today) or ISO date-time: stop a training projected to end later and try "
+                             "the next setting")
+    parser.add_argument("--finish-margin", type=float, default=5.0,
+                        help="minutes added to a projection for the run's last validation and test evaluation")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: copy the curves of unfinished runs (marked partial), redraw the figures "
                              "and rewrite the BENCHMARKS.md sections")
@@ -149,6 +229,7 @@ def main() -> None:
     if args.report:
         report_partial(work)
         return
+    deadline = parse_deadline(args.finish_by) if args.finish_by else None
     data = prepare(Path(args.la_root), work / "data")
     n_train = len((data / "train.list").read_text().split())
     jobs = [(m, args.labeled) for m in args.methods]
@@ -164,8 +245,15 @@ def main() -> None:
             if done and not args.rerun:
                 print(f"skipping {folder.name}: already in {CSV_PATH.name} ({done['stamp']})", flush=True)
                 continue
-            row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, extra, args.val,
-                          args.val_every, args.checkpoint_every)
+            if deadline and dt.datetime.now(dt.UTC) + dt.timedelta(minutes=args.finish_margin) > deadline:
+                print(f"not started {folder.name}: --finish-by {deadline:%H:%M} UTC is too close", flush=True)
+                continue
+            try:
+                row = run_one(method, labeled, args.iterations, data, folder, args.n_filters, extra, args.val,
+                              args.val_every, args.checkpoint_every, deadline, 60 * args.finish_margin)
+            except PastDeadline as stop:
+                print(f"not finished {folder.name}: {stop}", flush=True)
+                continue
             row["stamp"] = stamp()
             write_rows([*read_rows(), row])
             print(json.dumps(row), flush=True)

@@ -1,10 +1,13 @@
-"""The LA-mini benchmark's bookkeeping (benchmarks/la_mini.py): seeds recorded per run, statistics over seeds."""
+"""The LA-mini benchmark's bookkeeping (benchmarks/la_mini.py): seeds recorded per run, statistics over seeds,
+runs stopped when they cannot finish by `--finish-by`."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,3 +120,47 @@ def test_calibration_on_the_test_set_uses_the_finished_runs_of_the_calibrated_pr
     assert r["separated"] and r["passes"]
     rows[-2]["dice"] = "0.795"  # seed 3 with 72 labels no longer above every 8-label seed (0.80)
     assert not la_mini.test_calibration(rows)[0]["passes"]
+
+
+def test_deadline_parses_a_time_of_day_or_an_iso_date_time() -> None:
+    now = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.UTC)
+    assert la_mini.parse_deadline("11:25", now) == dt.datetime(2026, 12, 3, 11, 25, tzinfo=dt.UTC)
+    assert la_mini.parse_deadline("2026-12-04T01:00", now) == dt.datetime(2026, 12, 4, 1, 0, tzinfo=dt.UTC)
+    with pytest.raises(SystemExit, match="give HH:MM"):
+        la_mini.parse_deadline("soon", now)
+
+
+def test_finish_is_projected_from_the_last_logged_rate_after_50_new_iterations() -> None:
+    now = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.UTC)
+    records = [{"iteration": 250, "s_per_it": 9.0}, {"iteration": 300, "s_per_it": 2.0}, {"iteration": 300,
+                                                                                          "val_dice": 0.5}]
+    finish = la_mini.projected_finish(records, 3000, 0, now, margin_s=60)
+    assert finish == now + dt.timedelta(seconds=2700 * 2.0 + 60)
+    assert la_mini.projected_finish(records, 3000, 260, now, 60) is None  # resumed at 260: not 50 new iterations yet
+    assert la_mini.projected_finish([], 3000, 0, now, 60) is None
+
+
+def test_a_training_projected_past_the_deadline_is_stopped_with_sigterm(tmp_path: Path) -> None:
+    """A stand-in training logs 2 s/iteration for 3,000 iterations: past a deadline 10 minutes away, so it is
+    stopped at the first poll after its 50th iteration; one that fits runs to its end."""
+    metrics = tmp_path / "metrics.jsonl"
+    child = tmp_path / "train.py"
+    child.write_text(
+        "import json, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[2], 'w').write('stopped'), sys.exit(130)))\n"
+        "for it in (50, 100):\n"
+        "    with open(sys.argv[1], 'a') as f:\n"
+        "        f.write(json.dumps({'iteration': it, 's_per_it': float(sys.argv[3])}) + '\\n')\n"
+        "    time.sleep(0.3)\n"
+        "time.sleep(float(sys.argv[4]))\n")
+    flag = tmp_path / "flag"
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    with pytest.raises(la_mini.PastDeadline, match="stopped with a checkpoint"):
+        la_mini.supervise([sys.executable, str(child), str(metrics), str(flag), "2.0", "30"], metrics, 3000, soon,
+                          margin_s=0, poll_s=0.2)
+    assert flag.read_text() == "stopped"
+    metrics.unlink()
+    la_mini.supervise([sys.executable, str(child), str(metrics), str(flag), "0.01", "0"], metrics, 3000, soon,
+                      margin_s=0, poll_s=0.2)  # 2,900 x 0.01 s fits: runs to its end
+    with pytest.raises(subprocess.CalledProcessError):
+        la_mini.supervise([sys.executable, "-c", "raise SystemExit(3)"], metrics, 3000, None, 0)
