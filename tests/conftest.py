@@ -64,3 +64,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: str) -> P
                  "stride": (16, 16, 8), "n_filters": 4, "num_workers": 0, "log_every": 1, "checkpoint_every": 2}
     Trainer(build_config("supervised", None, overrides), run, progress=False).run()
     return run
+
+
+@pytest.fixture(scope="session")
+def official_caml_pth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official CAML checkpoint fixture as the `.pth` file the official code saves (tests/official_fixture.py),
+    in a folder of its own outside the repository."""
+    from official_fixture import write_official_pth
+
+    return write_official_pth(tmp_path_factory.mktemp("official") / "caml_f2_seed0.pth")

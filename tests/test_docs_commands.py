@@ -101,6 +101,7 @@ def _sandbox(stand_ins: Path, page: str) -> Path:
     shutil.copytree(stand_ins / "files", cwd)
     # commands the pages run from the repository root use its committed fixtures (an official CAML checkpoint)
     shutil.copytree(REPO / "tests" / "golden" / "official", cwd / "tests" / "golden" / "official")
+    shutil.copy(REPO / "tests" / "official_fixture.py", cwd / "tests" / "official_fixture.py")
     return cwd
 
 
@@ -190,12 +191,20 @@ def run_convert(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch, cap
     return help_text
 
 
+def run_fixture_script(argv: list[str], cwd: Path, *_: object) -> str:
+    """Not a substitution: the repository's fixture script runs as written, in the sandbox's copy of `tests/`."""
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 Runner = Callable[[list[str], Path, pytest.MonkeyPatch, pytest.CaptureFixture], str]
 # (how a command starts, what runs instead, why): the reasons are in each runner's docstring.
 SUBSTITUTIONS: list[tuple[tuple[str, ...], Runner]] = [
     (("make",), check_make),
     (("torchrun",), run_torchrun),
     (("python", "benchmarks/"), check_benchmark),
+    (("python", "tests/official_fixture.py"), run_fixture_script),
     (("semiseg", "data", "download"), run_download),
     (("semiseg", "data", "convert"), run_convert),
 ]

@@ -20,7 +20,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 _spec = importlib.util.spec_from_file_location("lean_artifacts", REPO / "benchmarks" / "lean_artifacts.py")
 lean = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lean)
-CAML_FILE = Path(__file__).parent / "golden" / "official" / "caml_f2_seed0.pth"
 
 
 def _caml_net() -> torch.nn.Module:
@@ -28,16 +27,16 @@ def _caml_net() -> torch.nn.Module:
     return cls(cls.Params(), NetSpec(1, 2, 3, 2)).net
 
 
-def test_semiseg_weights_go_back_to_the_official_file_exactly() -> None:
-    official = torch.load(CAML_FILE, weights_only=True)
+def test_semiseg_weights_go_back_to_the_official_file_exactly(official_caml_pth: Path) -> None:
+    official = torch.load(official_caml_pth, weights_only=True)
     ours = map_official_state(official, "caml", 3, _caml_net().state_dict())
     back = to_official_state(ours, list(official), "caml", 3)
     assert list(back) == list(official)
     assert all(torch.equal(back[k], official[k]) for k in official)
 
 
-def test_official_export_refuses_a_network_that_does_not_fit() -> None:
-    official_keys = list(torch.load(CAML_FILE, weights_only=True))
+def test_official_export_refuses_a_network_that_does_not_fit(official_caml_pth: Path) -> None:
+    official_keys = list(torch.load(official_caml_pth, weights_only=True))
     ours = _caml_net().state_dict()
     dropped = dict(ours)
     dropped.pop("f_v.encoder.block_one.0.weight")

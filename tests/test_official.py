@@ -1,7 +1,8 @@
 """Official checkpoints: `semiseg.official` maps a file the authors' code saved onto semiseg's network.
 
-The fixture `golden/official/caml_f2_seed0.pth` was saved by the official CAML constructor (provenance and the
-official network's output in `caml_f2_seed0.json`); the official code itself is not needed here.
+The fixture `official_caml_pth` is the state_dict the official CAML constructor saved (kept as arrays in
+`golden/official/caml_f2_seed0.npz`, written back as the official `.pth` by tests/official_fixture.py; provenance
+and the official network's output in `caml_f2_seed0.json`); the official code itself is not needed here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from semiseg.methods.base import NetSpec
 from semiseg.official import key_map, load_official_checkpoint, official_layout, unwrap_state_dict
 
 OFFICIAL = Path(__file__).parent / "golden" / "official"
-CAML_FILE = OFFICIAL / "caml_f2_seed0.pth"
 
 
 def _caml(n_filters: int = 2):
@@ -28,10 +28,10 @@ def _caml(n_filters: int = 2):
     return cls(cls.Params(), NetSpec(1, 2, 3, n_filters))
 
 
-def test_official_caml_checkpoint_gives_the_official_output() -> None:
+def test_official_caml_checkpoint_gives_the_official_output(official_caml_pth: Path) -> None:
     method = _caml()
-    load_official_checkpoint(CAML_FILE, method)
-    state = torch.load(CAML_FILE, weights_only=True)
+    load_official_checkpoint(official_caml_pth, method)
+    state = torch.load(official_caml_pth, weights_only=True)
     assert torch.equal(method.net.f_a.encoder.x4_transform.inter_sample.linear1.weight,
                        state["encoder2.inter_attention.encoder_layers.linear1.weight"])
     assert torch.equal(method.net.projection_v.bn.running_var, state["projection_head1.1.running_var"])
@@ -53,12 +53,12 @@ def test_wrapped_and_ddp_state_dicts_unwrap() -> None:
         unwrap_state_dict({"epoch": 3}, "f.pth")
 
 
-def test_wrong_method_or_size_is_a_one_line_error(tmp_path: Path) -> None:
+def test_wrong_method_or_size_is_a_one_line_error(tmp_path: Path, official_caml_pth: Path) -> None:
     cls = get_method("mcnet")
     with pytest.raises(CheckpointError, match="is not part of"):
-        load_official_checkpoint(CAML_FILE, cls(cls.Params(), NetSpec(1, 2, 3, 2)))
+        load_official_checkpoint(official_caml_pth, cls(cls.Params(), NetSpec(1, 2, 3, 2)))
     with pytest.raises(CheckpointError, match="n_filters"):
-        load_official_checkpoint(CAML_FILE, _caml(4))
+        load_official_checkpoint(official_caml_pth, _caml(4))
     with pytest.raises(ConfigError, match="no official 3D network"):
         official_layout("supervised", 3)
     bad = tmp_path / "bad.pth"
@@ -87,9 +87,9 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.Mon
 
 
 def test_cli_evaluates_an_official_checkpoint(tmp_path: Path, tiny_synthetic: str, capsys: pytest.CaptureFixture,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch, official_caml_pth: Path) -> None:
     out = tmp_path / "eval"
-    code, stdout, err = _cli(["evaluate", "--official-checkpoint", str(CAML_FILE), "--method", "caml", "--data",
+    code, stdout, err = _cli(["evaluate", "--official-checkpoint", str(official_caml_pth), "--method", "caml", "--data",
                               tiny_synthetic, "--set", "n_filters=2", "--set", "patch_size=32,32,32", "--set",
                               "stride=16,16,16", "--out", str(out), "--device", "cpu"], capsys, monkeypatch)
     assert code == 0, err
@@ -99,6 +99,6 @@ def test_cli_evaluates_an_official_checkpoint(tmp_path: Path, tiny_synthetic: st
     assert "official checkpoint" in stdout
     for args, message in ((["--data", tiny_synthetic], "needs --method"),
                           (["--method", "mcnet", "--data", tiny_synthetic, "--set", "n_filters=2"], "is not part of")):
-        code, _, err = _cli(["evaluate", "--official-checkpoint", str(CAML_FILE), *args], capsys, monkeypatch)
+        code, _, err = _cli(["evaluate", "--official-checkpoint", str(official_caml_pth), *args], capsys, monkeypatch)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
-    assert not (CAML_FILE.parent / "eval-test").exists()  # a refused evaluation leaves no folder beside the file
+    assert not (official_caml_pth.parent / "eval-test").exists()  # refused: no folder left beside the file
