@@ -94,8 +94,10 @@ def test_user_errors_are_one_line_without_traceback(args: list[str], message: st
 def test_foreign_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a checkpoint")
-    result = semiseg("evaluate", str(bad), check=False)
+    result = semiseg("evaluate", str(bad), "--out", str(tmp_path / "eval"), check=False)
     assert result.returncode == 2 and "unreadable checkpoint" in result.stderr
+    beside = semiseg("evaluate", str(bad), check=False)  # not in a run folder: nothing is written beside the file
+    assert beside.returncode == 2 and "give --out DIR" in beside.stderr and not (tmp_path / "eval-test").exists()
 
 
 def test_existing_run_folder_needs_resume(tmp_path: Path, tiny_synthetic: str) -> None:

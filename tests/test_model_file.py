@@ -236,19 +236,21 @@ def test_bad_model_files_are_one_line_errors(caml_run: Path, tmp_path: Path, cap
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)  # e.g. an official code's checkpoint
-    assert "not a semiseg model or checkpoint" in error("evaluate", foreign)
+    out = ("--out", tmp_path / "eval")
+    assert "foreign.pt: not in a semiseg run folder" in error("evaluate", foreign)  # nothing beside a user's file
+    assert "not a semiseg model or checkpoint" in error("evaluate", foreign, *out)
     assert "not a semiseg model or checkpoint" in error("predict", foreign, tmp_path)
-    assert not (tmp_path / "eval-test").exists()  # the refused evaluation's default folder was not left behind
+    assert not (tmp_path / "eval").exists()  # the refused evaluation's folder was not left behind
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((caml_run / MODEL).read_bytes()[:5000])
-    assert "truncated.pt: unreadable checkpoint or model file" in error("evaluate", truncated)
+    assert "truncated.pt: unreadable checkpoint or model file" in error("evaluate", truncated, *out)
     newer = tmp_path / "newer.pt"
     payload = torch.load(caml_run / MODEL, weights_only=True)
     torch.save({**payload, "version": 99}, newer)
-    assert "written by a newer semiseg (semiseg-model format 99)" in error("evaluate", newer)
+    assert "written by a newer semiseg (semiseg-model format 99)" in error("evaluate", newer, *out)
     broken = tmp_path / "broken.pt"
     torch.save({**payload, "weights": {k: v for k, v in payload["weights"].items() if "out_conv" not in k}}, broken)
-    assert "broken.pt: its network description and weights do not match" in error("evaluate", broken)
+    assert "broken.pt: its network description and weights do not match" in error("evaluate", broken, *out)
     assert "already a model file" in error("export", caml_run / MODEL, "--out", tmp_path / "again.pt")
     keep = tmp_path / "notes.pt"
     keep.write_text("my notes")

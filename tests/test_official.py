@@ -97,8 +97,12 @@ def test_cli_evaluates_an_official_checkpoint(tmp_path: Path, tiny_synthetic: st
     assert summary["protocol"]["checkpoint"]["rule"] == "official"
     assert len(summary["cases"]) == 2
     assert "official checkpoint" in stdout
+    refused = tmp_path / "refused"
     for args, message in ((["--data", tiny_synthetic], "needs --method"),
-                          (["--method", "mcnet", "--data", tiny_synthetic, "--set", "n_filters=2"], "is not part of")):
+                          (["--method", "mcnet", "--data", tiny_synthetic, "--set", "n_filters=2", "--out",
+                            str(refused)], "is not part of"),
+                          (["--method", "caml", "--data", tiny_synthetic], "not in a semiseg run folder")):
         code, _, err = _cli(["evaluate", "--official-checkpoint", str(official_caml_pth), *args], capsys, monkeypatch)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
-    assert not (official_caml_pth.parent / "eval-test").exists()  # refused: no folder left beside the file
+    # refused: no folder left behind, and nothing is ever written beside the user's file unasked
+    assert not refused.exists() and not (official_caml_pth.parent / "eval-test").exists()

@@ -148,13 +148,25 @@ def _finish_lines(out: Path, checkpoint: Path) -> list[str]:
     return lines
 
 
+def _default_eval_out(source: Path, split: str) -> Path:
+    """`RUN/eval-SPLIT` for a semiseg run folder or a file in one (its evaluations are the tool's own output);
+    anything else is the user's, and nothing is written beside it unasked."""
+    folder = source if source.is_dir() else source.parent
+    written_by_train = (folder / "config.yaml").is_file() and (folder / "split.json").is_file()
+    if written_by_train or not source.exists():  # a missing source is reported before anything is written
+        return folder / f"eval-{split}"
+    raise SemisegError(f"{source}: not in a semiseg run folder, so the evaluation is not written beside it; give "
+                       "--out DIR")
+
+
 @app.command()
 def evaluate(
     run: Annotated[Path | None, typer.Argument(help="Run folder, model.pt or checkpoint file")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on; a moved "
                                              "one is recognised by its fingerprint)")] = None,
     split: Annotated[str, typer.Option(help="test or val")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT for a run folder; "
+                                                  "needed for anything else)")] = None,
     pred: Annotated[Path | None, typer.Option(help="Score label maps in this folder instead of a model")] = None,
     checkpoint: Annotated[str, typer.Option(help="auto (the run's rule), last or best")] = "auto",
     lcc: Annotated[bool | None, typer.Option(help="Keep the largest connected component")] = None,
@@ -181,8 +193,16 @@ def evaluate(
     version: Version = False,
 ) -> None:
     """Score a model (or a folder of predictions) with the papers' metrics and a protocol card."""
-    from .engine.evaluate import evaluate_checkpoint, evaluate_predictions, format_card, format_summary, parse_spacing
+    from .engine.evaluate import (
+        check_options,
+        evaluate_checkpoint,
+        evaluate_predictions,
+        format_card,
+        format_summary,
+        parse_spacing,
+    )
 
+    check_options(checkpoint, empty_policy)
     voxel_size = parse_spacing(spacing)
     if voxels and voxel_size is not None:
         raise SemisegError("--voxels and --spacing contradict each other; give one of them")
@@ -194,19 +214,19 @@ def evaluate(
         if method is None or data is None:
             raise SemisegError("--official-checkpoint needs --method NAME and --data DATASET")
         cfg = build_config(method, None, {**parse_set(set_ or []), "data": data}, preset)
-        target = out or official_checkpoint.parent / f"eval-{split}"
+        target = out or _default_eval_out(official_checkpoint, split)
         summary = evaluate_official_checkpoint(official_checkpoint, cfg, target, split, lcc, empty_policy, device,
                                                save_predictions, units)
     elif pred is not None:
         if data is None:
             raise SemisegError("--pred needs --data, the dataset whose labels are the reference")
-        target = out or pred.parent / f"eval-{split}"
+        target = out or _default_eval_out(pred, split)
         summary = evaluate_predictions(pred, data, target, split, empty_policy or "legacy_zero", units,
                                        progress=not quiet)
     else:
         if run is None:
             raise SemisegError("give a run folder or checkpoint, or --pred DIR with --data")
-        target = out or (run if run.is_dir() else run.parent) / f"eval-{split}"
+        target = out or _default_eval_out(run, split)
         summary = evaluate_checkpoint(run, target, data, split, checkpoint, lcc, empty_policy, device,
                                       save_predictions, units, progress=not quiet, cpu_bf16=cpu_bf16,
                                       fold_bn=fold_bn)

@@ -249,12 +249,18 @@ def target_module(method: Method) -> torch.nn.Module:
     return module
 
 
-def load_official_checkpoint(path: Path, method: Method) -> None:
-    """Load an official training script's checkpoint into `method` (its EMA teacher or teachers, if any, copy it:
-    the evaluated network holds the file's weights whichever one the method evaluates)."""
+def official_file(path: Path) -> Path:
+    """`path`, checked to be a file (before any output is written)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: official checkpoint not found")
+    return path
+
+
+def load_official_checkpoint(path: Path, method: Method) -> None:
+    """Load an official training script's checkpoint into `method` (its EMA teacher or teachers, if any, copy it:
+    the evaluated network holds the file's weights whichever one the method evaluates)."""
+    path = official_file(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -65,8 +65,7 @@ def resolve_checkpoint(path: Path, which: str = "auto") -> tuple[Path, str]:
     A folder that holds only an exported `model.pt` (no checkpoint) gives that file.
     """
     path = Path(path)
-    if which not in ("auto", "last", "best"):
-        raise ConfigError(f"--checkpoint {which!r}: use auto (the run's rule), last or best")
+    check_options(which)
     if path.is_file():
         return path, "given file"
     if not path.is_dir():
@@ -154,6 +153,14 @@ def _split_ids(layout: Layout, cfg: TrainConfig | None, split: str) -> list[str]
     raise DataError(f"unknown split {split!r}; use test or val")
 
 
+def check_options(which: str = "auto", empty_policy: str | None = None) -> None:
+    """The values of `--checkpoint` and `--empty-policy`, before any file is looked at."""
+    if which not in ("auto", "last", "best"):
+        raise ConfigError(f"--checkpoint {which!r}: use auto (the run's rule), last or best")
+    if empty_policy is not None:
+        _checked_policy(empty_policy)
+
+
 def _checked_policy(empty_policy: str) -> str:
     if empty_policy not in EMPTY_POLICIES:
         raise ConfigError(f"--empty-policy {empty_policy!r}: use one of {', '.join(EMPTY_POLICIES)}")
@@ -204,8 +211,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: str | None = None, sp
     Only the inference network is loaded (`model_file.load_model`), and each volume's arrays are freed before the
     next one is read, so the peak memory is one network, one volume and its windows.
     """
+    ckpt_path, rule = resolve_checkpoint(checkpoint, which)  # a missing source is reported before `out` is made
     with _locked_output(out, "semiseg evaluate"):
-        ckpt_path, rule = resolve_checkpoint(checkpoint, which)
         dev = resolve_device(device)
         model = load_model(ckpt_path, rule, dev)
         cfg, record = model.config, model.record
@@ -234,8 +241,9 @@ def evaluate_official_checkpoint(file: Path, cfg: TrainConfig, out: Path, split:
                                  progress: bool = False) -> dict[str, Any]:
     """Score a checkpoint saved by the authors' training script (`semiseg.official` maps its keys) under
     semiseg's protocol; `cfg` gives the method, the dataset and the inference settings."""
-    from ..official import load_official_checkpoint, official_layout
+    from ..official import load_official_checkpoint, official_file, official_layout
 
+    official_file(file)  # a missing file is reported before the output folder is made
     with _locked_output(out, "semiseg evaluate --official-checkpoint"):
         layout = open_dataset(cfg.data, cfg.layout)
         probe = layout.read(layout.split(cfg.labeled, cfg.val).labeled[0])
