@@ -18,7 +18,8 @@ the seed moves Dice by tens of points, so single runs do not rank methods. Write
 
 `--finish-by TIME` (UTC, `HH:MM` today or an ISO date-time): a session's machine and its run folders do not outlive
 the session, so a run that cannot finish by then is worth nothing. Every training is watched: from its 50th new
-iteration on, its logged s/iteration projects the finish (plus `--finish-margin` minutes for the last evaluations);
+iteration on, the fastest of its last 3 logged s/iteration projects the finish (plus `--finish-margin` minutes for
+the last evaluations);
 a run projected past TIME is stopped (SIGTERM: it writes a checkpoint and exits) and the next setting is tried,
 so one queue per core packs what fits:
 
@@ -103,14 +104,15 @@ def parse_deadline(text: str, now: dt.datetime | None = None) -> dt.datetime:
 
 def projected_finish(records: list[dict], iterations: int, start_iteration: int, now: dt.datetime,
                      margin_s: float, min_new: int = 50) -> dt.datetime | None:
-    """When a run logging `records` (metrics.jsonl) reaches `iterations`, from its last logged s/iteration, plus
-    `margin_s`; None until it has logged `min_new` iterations past `start_iteration` (the iteration it started or
-    resumed at), so that start-up and a resumed run's first window do not decide."""
-    timed = [r for r in records if "s_per_it" in r and "iteration" in r]
+    """When a run logging `records` (metrics.jsonl) reaches `iterations`, plus `margin_s`, at the fastest of its
+    last 3 logged s/iteration (a few minutes of another job on its core must not stop a run that can finish);
+    None until it has logged `min_new` iterations past `start_iteration` (the iteration it started or resumed at),
+    so that start-up and a resumed run's first window do not decide."""
+    timed = [r for r in records if "s_per_it" in r and "iteration" in r and r["iteration"] > start_iteration]
     if not timed or timed[-1]["iteration"] < start_iteration + min_new:
         return None
-    last = timed[-1]
-    return now + dt.timedelta(seconds=(iterations - last["iteration"]) * last["s_per_it"] + margin_s)
+    rate = min(r["s_per_it"] for r in timed[-3:])
+    return now + dt.timedelta(seconds=(iterations - timed[-1]["iteration"]) * rate + margin_s)
 
 
 def _records(path: Path) -> list[dict]:

@@ -130,12 +130,13 @@ def test_deadline_parses_a_time_of_day_or_an_iso_date_time() -> None:
         la_mini.parse_deadline("soon", now)
 
 
-def test_finish_is_projected_from_the_last_logged_rate_after_50_new_iterations() -> None:
+def test_finish_is_projected_from_the_fastest_recent_rate_after_50_new_iterations() -> None:
     now = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.UTC)
-    records = [{"iteration": 250, "s_per_it": 9.0}, {"iteration": 300, "s_per_it": 2.0}, {"iteration": 300,
-                                                                                          "val_dice": 0.5}]
+    records = [{"iteration": 200, "s_per_it": 3.0}, {"iteration": 250, "s_per_it": 9.0},
+               {"iteration": 300, "s_per_it": 2.0}, {"iteration": 300, "val_dice": 0.5}]
     finish = la_mini.projected_finish(records, 3000, 0, now, margin_s=60)
-    assert finish == now + dt.timedelta(seconds=2700 * 2.0 + 60)
+    assert finish == now + dt.timedelta(seconds=2700 * 2.0 + 60)  # the fastest recent rate: a busy spell passes
+    assert la_mini.projected_finish(records[:2], 3000, 0, now, 0) == now + dt.timedelta(seconds=2750 * 3.0)
     assert la_mini.projected_finish(records, 3000, 260, now, 60) is None  # resumed at 260: not 50 new iterations yet
     assert la_mini.projected_finish([], 3000, 0, now, 60) is None
 
