@@ -119,7 +119,6 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
         raise SystemExit(f"export of {method} failed, see {work / 'logs' / f'{method}-export.log'}")
     import torch
 
-    from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
     from semiseg.nets import evaluated_parameters, portable
 
     payload = torch.load(model, weights_only=True, mmap=True)
@@ -127,7 +126,7 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
     result = {"method": method, "checkpoint_mib": (run / "checkpoint.pt").stat().st_size / 2**20,
               "model_mib": model.stat().st_size / 2**20, "params": params, "fp32_mib": 4 * params / 2**20,
               "evaluate": {}, "identical": None,
-              "cpu_windows": cpu_windows_per_pass((PAPER_WINDOW_VOXELS,))}
+              "cpu_windows": paper_windows()}
     variants = (("before", run, before_src), ("after", run, None), ("after_model", model, None))
 
     def evaluate(variant: str, source: Path, src: Path | None) -> tuple[dict[str, float], list]:
@@ -218,9 +217,7 @@ def other_windows(official: dict, data: Path, work: Path) -> dict:
     """`semiseg evaluate` of the CAML run with the other window batch on CPU (2 windows per forward pass when the
     default at the paper's size is 1, else 1), in its own process: its peak, and whether its per-case metrics are
     those of the default. What one more window's activations cost, or save."""
-    from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
-
-    windows = 2 if cpu_windows_per_pass((PAPER_WINDOW_VOXELS,)) == 1 else 1
+    windows = 2 if paper_windows() == 1 else 1
     out = work / "eval" / f"caml-{windows}-windows"
     shutil.rmtree(out, ignore_errors=True)
     log = work / "logs" / f"caml-semiseg-{windows}-windows.log"
@@ -231,6 +228,13 @@ def other_windows(official: dict, data: Path, work: Path) -> dict:
     print(f"caml         {windows} windows   peak {m['peak_mib']:7.0f} MiB  {m['wall_s']:6.1f} s", flush=True)
     ours = {c["case"]: [c[k] for k in METRICS] for c in json.loads((out / "summary.json").read_text())["cases"]}
     return {**m, "windows": windows, "identical": ours == official["semiseg_cases"]}
+
+
+def paper_windows() -> int:
+    """Windows per forward pass of `semiseg evaluate` on CPU at the paper's window size (this code's default)."""
+    from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
+
+    return cpu_windows_per_pass((PAPER_WINDOW_VOXELS,))
 
 
 def windows_label(n: int) -> str:
@@ -373,9 +377,7 @@ def main() -> None:
     elif args.official_caml is not None:
         official = official_caml(args.official_caml, data, args.work, args.iterations, args.jobs, before_src)
     if official is not None and "other_windows" not in official:
-        from semiseg.engine.model_file import PAPER_WINDOW_VOXELS, cpu_windows_per_pass
-
-        official["default_windows"] = cpu_windows_per_pass((PAPER_WINDOW_VOXELS,))
+        official["default_windows"] = paper_windows()
         official["other_windows"] = other_windows(official, data, args.work)
     if official is not None:
         official_file.write_text(json.dumps(official, indent=1))
