@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import yaml
 from scipy import ndimage
 from torch import nn
 
+from helpers import semiseg
 from semiseg.data import open_dataset
 from semiseg.data.layouts.acdc import ACDCAugmentation, ACDCLayout, patient_of, write_synthetic_acdc
 from semiseg.engine.inference import InferenceProtocol, predict_volume
@@ -123,14 +121,6 @@ def test_zoom_nearest_2d_resizes_only_the_last_two_axes() -> None:
     x = torch.arange(2 * 3 * 4 * 5).view(2, 3, 4, 5)
     assert zoom_nearest_2d(x, (8, 10)).shape == (2, 3, 8, 10)
     assert torch.equal(zoom_nearest_2d(x, (4, 5)), x)
-
-
-def semiseg(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "semiseg.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, f"semiseg {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 def test_supervised_trains_on_acdc_and_evaluate_reports_each_class(acdc_root: Path, tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,17 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import semiseg
+
 TINY = ["--set", "patch_size=32,32,16", "--set", "stride=16,16,8", "--set", "n_filters=4", "--set", "num_workers=0",
         "--set", "log_every=2", "--set", "checkpoint_every=3"]
-
-
-def semiseg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "semiseg.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"semiseg {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def test_methods_lists_supervised_with_its_parameter_count() -> None:

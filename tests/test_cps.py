@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import real_la_batch, semiseg, train_steps
 from semiseg.config import build_config
 from semiseg.data.layouts.acdc import write_synthetic_acdc
 from semiseg.data.loader import Batch
@@ -142,14 +139,6 @@ def test_presets_and_the_evaluated_network() -> None:
     assert len(method.trainable_parameters()) == 2 * len(list(method.net1.parameters()))
 
 
-def semiseg(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "semiseg.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, f"semiseg {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def test_cli_trains_the_la_preset_on_synthetic_data(tmp_path: Path, tiny_synthetic: str) -> None:
     run = tmp_path / "run"
     semiseg("train", "--method", "cps", "--preset", "la-8", "--data", tiny_synthetic, "--labeled", "2",
@@ -178,23 +167,9 @@ def test_acdc_preset_trains_and_evaluates_per_class(tmp_path: Path) -> None:
 
 @pytest.mark.la
 def test_a_few_steps_on_real_la_cases(la_root: Path) -> None:
-    from semiseg.data import open_dataset
-    from semiseg.data.transforms import legacy_augmentation
-
-    layout = open_dataset(str(la_root))
-    split = layout.split(8)
-    transform = legacy_augmentation((32, 32, 32))
-    rng = np.random.default_rng(0)
-    labelled = transform({"image": (c := layout.read(split.labeled[0])).image, "label": c.label}, rng)
-    unlabelled = transform({"image": layout.read(split.unlabeled[0], with_label=False).image}, rng)["image"]
-    batch = Batch(torch.from_numpy(labelled["image"])[None], torch.from_numpy(labelled["label"]).long()[None],
-                  torch.from_numpy(unlabelled)[None], torch.arange(1))
+    batch = real_la_batch(la_root, (32, 32, 32))
     torch.manual_seed(0)
     method = CPS(CPSParams(), NetSpec(1, 2, 3, 4)).train()
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01, momentum=0.9)
-    for iteration in (1, 2):
-        step = method.train_step(batch, StepContext(iteration, 30000))
-        optimizer.zero_grad()
-        step.loss.backward()
-        optimizer.step()
+    for step in train_steps(method, batch, optimizer, 30000):
         assert math.isfinite(step.loss.item()) and step.logs["loss/cps1"].item() > 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from helpers import real_la_batch, semiseg, train_steps
 from semiseg.config import build_config
 from semiseg.data.loader import Batch
 from semiseg.data.synthetic import make_case
@@ -397,14 +395,6 @@ def test_odd_unlabelled_batch_is_a_config_error() -> None:
                                               batch.index_labeled), StepContext(1, 10))
 
 
-def semiseg(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "semiseg.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, f"semiseg {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def test_cli_trains_the_la_preset_on_synthetic_data(tmp_path: Path, tiny_synthetic: str) -> None:
     run = tmp_path / "run"
     semiseg("train", "--method", "crossmatch", "--preset", "la-8", "--data", tiny_synthetic, "--labeled", "2",
@@ -422,25 +412,10 @@ def test_cli_trains_the_la_preset_on_synthetic_data(tmp_path: Path, tiny_synthet
 
 @pytest.mark.la
 def test_a_few_steps_on_real_la_cases(la_root: Path) -> None:
-    from semiseg.data import open_dataset
-    from semiseg.data.transforms import legacy_augmentation
-
-    layout = open_dataset(str(la_root))
-    split = layout.split(8)
-    transform = legacy_augmentation((48, 48, 32))
-    rng = np.random.default_rng(0)
-    labelled = transform({"image": (c := layout.read(split.labeled[0])).image, "label": c.label}, rng)
-    unlabelled = [transform({"image": layout.read(i, with_label=False).image}, rng)["image"]
-                  for i in split.unlabeled[:2]]
-    batch = Batch(torch.from_numpy(labelled["image"])[None], torch.from_numpy(labelled["label"]).long()[None],
-                  torch.from_numpy(np.stack(unlabelled)), torch.arange(1))
+    batch = real_la_batch(la_root, (48, 48, 32), 2)
     assert batch.image_unlabeled.min() < 0  # z-scored volumes: the signed gamma path is exercised
     torch.manual_seed(0)
     method = make_method(NetSpec(1, 2, 3, 4)).train()
     optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-3)
-    for iteration in (1, 2):
-        step = method.train_step(batch, StepContext(iteration, 14000))
-        optimizer.zero_grad()
-        step.loss.backward()
-        optimizer.step()
+    for step in train_steps(method, batch, optimizer, 14000):
         assert math.isfinite(step.loss.item()) and 0 <= step.logs["loss/x"].item() < 2
