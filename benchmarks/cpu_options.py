@@ -6,6 +6,14 @@ autocast (`cpu_bf16`); for UA-MT also with one teacher call per Monte-Carlo pass
 official way). Variants are interleaved within each of `--rounds` rounds (A, B, C, A, B, C, ...) and the table
 gives the median over rounds of each variant's mean step time, with the step's GFLOP (flop counter) and GFLOP/s.
 
+`malloc`: every method's training step at the LA-mini shape (as `options`, channels-last) with glibc's malloc
+left alone (`cpu_malloc=system`) and keeping freed memory for reuse (`cpu_malloc=keep`, the default), each
+measurement in a fresh process (the malloc setting is process-wide), variants interleaved within each of
+`--rounds` rounds: median s/step, minor page faults per timed step, the process's peak resident set (MiB), and
+whether the parameters after the timed steps are bit-identical.
+
+    python benchmarks/cpu_options.py malloc --rounds 3 --update-md
+
 `la-mini`: `--iterations` real training iterations of every method at the config of benchmarks/la_mini.py
 (LA downsampled x2, patch 64x64x32, stride 9/9/2, 8 filters, la-8 presets with schedules scaled to the budget, one
 loader worker), through the trainer with its defaults (`channels_last=auto`); s/it is the trainer's own
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +73,46 @@ def options(methods: list[str], rounds: int, steps: int) -> list[dict]:
                 print(f"{method} {name}: {r['step_s']:.3f} s", file=sys.stderr, flush=True)
         med = {v: statistics.median(t) for v, t in times.items()}
         rows.append({"method": method, "median_s": med, "all_s": times, "gflop": flops})
+    return rows
+
+
+MALLOC_VARIANTS = ("system", "keep")
+
+
+def malloc_child(method: str, variant: str, steps: int) -> dict:
+    """One measurement of `malloc` (run in its own process): the step, its page faults, this process's peak and a
+    digest of the parameters after the steps."""
+    import resource
+
+    import torch
+    from speed import measure
+
+    torch.manual_seed(0)  # the same initial weights and dropout masks in every process
+    r = measure(method, SYNTHETIC, steps, 1, 0, "cpu", [*MINI, "channels_last=on", f"cpu_malloc={variant}"],
+                digest=True)
+    return {**r, "variant": variant, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def malloc(methods: list[str], rounds: int, steps: int) -> list[dict]:
+    rows = []
+    for method in methods:
+        runs: dict[str, list[dict]] = {v: [] for v in MALLOC_VARIANTS}
+        for _ in range(rounds):
+            for variant in MALLOC_VARIANTS:
+                out = subprocess.run([sys.executable, __file__, "malloc-child", "--methods", method, "--variant",
+                                      variant, "--steps", str(steps)], capture_output=True, text=True, check=True)
+                runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                r = runs[variant][-1]
+                print(f"{method} {variant}: {r['step_s']:.3f} s, {r['page_faults_per_step']:.0f} faults/step, "
+                      f"peak {r['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        row = {"method": method, "gflop": runs["keep"][0]["gflop_per_step"],
+               "identical": len({r["digest"] for v in runs.values() for r in v}) == 1}
+        for variant, measured in runs.items():
+            row[variant] = {"median_s": statistics.median(r["step_s"] for r in measured),
+                            "all_s": [r["step_s"] for r in measured],
+                            "faults": statistics.median(r["page_faults_per_step"] for r in measured),
+                            "peak_rss_mib": max(r["peak_rss_mib"] for r in measured)}
+        rows.append(row)
     return rows
 
 
@@ -167,7 +216,9 @@ def windows(cases: int, rounds: int, la: Path, sizes: tuple[int, ...] = (1, 2, 4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="options", choices=["options", "la-mini", "inference", "windows"])
+    parser.add_argument("mode", nargs="?", default="options",
+                        choices=["options", "malloc", "malloc-child", "la-mini", "inference", "windows"])
+    parser.add_argument("--variant", choices=MALLOC_VARIANTS, help="malloc-child: the cpu_malloc setting")
     parser.add_argument("--cases", type=int, default=4, help="test volumes (inference: LA-mini, windows: LA)")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--rounds", type=int, default=3)
@@ -182,7 +233,26 @@ def main() -> None:
     methods = args.methods or [m for m in available_methods() if m != "nan_at_three"]
     args.work.mkdir(parents=True, exist_ok=True)
     results = REPO / "benchmarks" / "results"
-    if args.mode == "options":
+    if args.mode == "malloc-child":
+        print(json.dumps(malloc_child(methods[0], args.variant, args.steps)))
+    elif args.mode == "malloc":
+        rows = malloc(methods, args.rounds, args.steps)
+        (results / "cpu_malloc.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
+        md = markdown_table(["method", "system s/step", "keep s/step", "speed-up", "page faults/step, system",
+                             "keep", "peak RSS MiB, system", "keep", "parameters bit-identical"],
+                            [[r["method"], f"{r['system']['median_s']:.3f}", f"{r['keep']['median_s']:.3f}",
+                              f"{r['system']['median_s'] / r['keep']['median_s']:.2f}x",
+                              f"{r['system']['faults']:,.0f}", f"{r['keep']['faults']:,.0f}",
+                              f"{r['system']['peak_rss_mib']:.0f}", f"{r['keep']['peak_rss_mib']:.0f}",
+                              "yes" if r["identical"] else "**no**"] for r in rows])
+        print(md)
+        if args.update_md:
+            chosen = f" --methods {' '.join(args.methods)}" if args.methods else ""
+            update_section("cpu-malloc", f"### Keeping freed memory on CPU (`cpu_malloc`), LA-mini shape\n\n"
+                           f"{stamp()}\n\nCommand: `python benchmarks/cpu_options.py malloc{chosen} --rounds "
+                           f"{args.rounds} --steps {args.steps}` (each measurement a fresh process; median over "
+                           f"{args.rounds} interleaved rounds; channels-last, fp32, synthetic volumes)\n\n{md}\n")
+    elif args.mode == "options":
         rows = options(methods, args.rounds, args.steps)
         (results / "cpu_options.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
         table = []

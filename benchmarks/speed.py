@@ -22,7 +22,9 @@ Writes benchmarks/results/speed-<device>.json and the matching section of BENCHM
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -40,7 +42,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, device: str,
-            overrides: list[str]) -> dict:
+            overrides: list[str], digest: bool = False) -> dict:
+    """`digest`: also a SHA-256 of every tensor of the method's state after the timed steps (to check that an
+    option changes no number)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from semiseg.config import build_config, parse_set
@@ -75,8 +79,10 @@ def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, d
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    faults = 0  # minor page faults of the timed steps (the kernel mapping in fresh pages)
     for i, batch in enumerate(prepared):
         _sync(dev)
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         batch = batch.to(dev, channels_last)
         ctx = StepContext(cfg.iterations // 2 + i, cfg.iterations, len(lab))  # mid-run: full ramps, BCP stage 2
@@ -94,7 +100,14 @@ def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, d
         if i >= warmup:
             for key, value in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
                 parts[key].append(value)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     train_peak = peak_memory_mb(dev)
+    state_digest = None
+    if digest:
+        sha = hashlib.sha256()
+        for tensor in method_obj.state_dict().values():
+            sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        state_digest = sha.hexdigest()
     counter = FlopCounterMode(display=False)
     with counter:  # one more step, untimed, for its arithmetic
         with autocast():
@@ -108,7 +121,8 @@ def measure(method: str, data: str, steps: int, warmup: int, infer_cases: int, d
               "data_s_per_batch": data_s, "step_s": sum(mean.values()), "forward_s": mean["forward"],
               "backward_s": mean["backward"], "update_s": mean["update"], "steps": len(parts["forward"]),
               "train_peak_mb": train_peak, "channels_last": channels_last, "cpu_bf16": cfg.cpu_bf16,
-              "threads": torch.get_num_threads(), "gflop_per_step": counter.get_total_flops() / 1e9}
+              "threads": torch.get_num_threads(), "gflop_per_step": counter.get_total_flops() / 1e9,
+              "page_faults_per_step": faults / len(parts["forward"]), "digest": state_digest}
     result["gflops"] = result["gflop_per_step"] / result["step_s"]
     if infer_cases:
         net = method_obj.inference_network()

@@ -39,6 +39,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .cpu_memory import keep_freed_memory
 from .distributed import init_from_env, shutdown
 from .inference import autocast_for, inference_protocol, predict_volume
 from .metrics import dice
@@ -140,6 +141,8 @@ def setup(cfg: TrainConfig, local_rank: int | None = None, layout: Layout | None
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     else:
         set_threads(cfg.threads)
+        if cfg.cpu_malloc == "keep":
+            keep_freed_memory()
     if uses_channels_last(cfg, device, spec.spatial_dims):
         method.to(memory_format=torch.channels_last_3d)
     return Setup(layout, split, method, build_optimizer(cfg, method), device)
