@@ -1,22 +1,26 @@
-"""The official CAML test script (Herschel555/CAML `code/test_3d.py`) on a semiseg CAML run's weights, in place.
+"""An official LA test script on a semiseg run's weights, in place: CAML's (Herschel555/CAML) or MC-Net's
+(ycwu1997/MC-Net, which scores MC-Net and MC-Net+ runs), both `code/test_3d.py`.
 
-    python benchmarks/official_caml_test.py export RUN CAML_CHECKOUT DATA SCRATCH
-    python benchmarks/official_caml_test.py test CAML_CHECKOUT SCRATCH STRIDE_XY STRIDE_Z
-    python benchmarks/official_caml_test.py semiseg WINDOWS evaluate RUN ...
+    python benchmarks/official_test.py export METHOD RUN CHECKOUT DATA SCRATCH
+    python benchmarks/official_test.py test CHECKOUT SCRATCH STRIDE_XY STRIDE_Z
+    python benchmarks/official_test.py semiseg WINDOWS evaluate RUN ...
 
-Used by `lean_artifacts.py --official-caml`, which runs each step in its own process and reads the peak resident
-set of the `test` process (that of the official script alone). The official code has no licence: it is imported and
-run from the checkout, never copied; nothing of it is edited.
+Used by `lean_artifacts.py --official-caml / --official-mcnet`, which runs each step in its own process and reads
+the peak resident set of the `test` process (that of the official script alone). The official code is imported and
+run from the checkout, never copied (CAML's has no licence; MC-Net's is MIT); nothing of it is edited.
 
 `export` (not measured): SCRATCH gets `data/LA` (a symlink to DATA, the LA layout the script reads from
-`./data/LA`) and, in the folder where `test_3d.py` looks for the final checkpoint (`snapshot_path`, read from the
-script's own globals by running its module body without its `__main__` block), `iter_N.pth`: the run's CAML network
-(`method.net`, every tensor) under the official keys (`semiseg.official.to_official_state`), checked to load
-*strictly* into the official test network (`net_factory(..., mode="test")`; the script itself loads with
-`strict=False`, which would hide a missing key). N is the run's iteration count, passed as `--max_iteration`.
+`./data/LA`) and, in the folder where `test_3d.py` looks for the checkpoint (`snapshot_path`, read from the
+script's own globals by running its module body without its `__main__` block), the file it loads: the run's
+network (every tensor) under the official keys (`semiseg.official.to_official_state`), checked to load *strictly*
+into the official network it was trained as (`net_factory(..., mode="test")`: CAML3d_v1, MCNet3d_v1 or MCNet3d_v2;
+the scripts load with `strict=False`, which would hide a missing key). CAML's script loads `iter_N.pth` into that
+network (N the run's iterations, passed as `--max_iteration`); MC-Net's loads `{model}_best_model.pth` into a
+one-decoder VNet with `strict=False` (the encoder and decoder 1 of the saved network: the output semiseg evaluates
+too), so `export` also checks that every key of that VNet is in the file. SCRATCH/official.json records the call.
 
-`test` (measured): `test_3d.py` runs unmodified as `__main__` from SCRATCH with `--labelnum 8 --max_iteration N`, with
-three things patched around it: `torch.Tensor.cuda` / `nn.Module.cuda` are the identity (CPU), NumPy's removed
+`test` (measured): `test_3d.py` runs unmodified as `__main__` from SCRATCH with the arguments `export` recorded,
+with three things patched around it: `torch.Tensor.cuda` / `nn.Module.cuda` are the identity (CPU), NumPy's removed
 `np.int` alias is restored (the test utility uses it), and `utils.test_patch.test_all_case` is wrapped so that its
 `stride_xy` / `stride_z` are STRIDE_XY / STRIDE_Z instead of the script's hard-coded 18 / 4 (the semiseg run's
 stride; the windows are then the same as `semiseg evaluate`'s). `utils.test_patch.calculate_metric_percase` (medpy's
@@ -27,7 +31,7 @@ score map, image and label of every case as NIfTI (its `save_result=True`). The 
 the per-case metrics in test-list order, the strides the script asked for and the ones used.
 
 `semiseg WINDOWS ARGS` (measured): `semiseg ARGS` with at most WINDOWS paper-size windows per forward pass on CPU
-instead of `semiseg.engine.model_file.CPU_WINDOWS` (1, as the official script's one window at a time): what the
+instead of `semiseg.engine.model_file.CPU_WINDOWS` (1, as the official scripts' one window at a time): what the
 activation memory of a larger window batch costs on top of the rest of the evaluation. The labels do not depend
 on it.
 """
@@ -39,6 +43,7 @@ import json
 import os
 import runpy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,55 +53,83 @@ import torch
 SCRIPT = "code/test_3d.py"
 
 
+@dataclass(frozen=True)
+class OfficialTest:
+    """How one official test script is called and which file it loads ({iterations}: the run's iterations)."""
+
+    repo: str
+    net_type: str
+    """`net_factory` name of the network the run's weights are saved as (loaded strictly by `export`)."""
+    argv: tuple[str, ...]
+    weights: str
+    """The file name the script loads, inside its `snapshot_path`."""
+    loaded_as: str | None = None
+    """`net_factory` name of the network the script itself builds, when it is another one (MC-Net: `vnet`)."""
+
+
+TESTS = {"caml": OfficialTest("Herschel555/CAML", "caml3d_v1", ("--labelnum", "8", "--max_iteration", "{iterations}"),
+                              "iter_{iterations}.pth"),
+         "mcnet": OfficialTest("ycwu1997/MC-Net", "mcnet3d_v1", ("--labelnum", "8", "--model", "mcnet3d_v1"),
+                               "mcnet3d_v1_best_model.pth", "vnet"),
+         "mcnet_plus": OfficialTest("ycwu1997/MC-Net", "mcnet3d_v2", ("--labelnum", "8", "--model", "mcnet3d_v2"),
+                                    "mcnet3d_v2_best_model.pth", "vnet")}
+
+
 def official_available(checkout: Path | None) -> bool:
-    """True when `checkout` holds the official CAML test script (the benchmark skips the official column if not)."""
+    """True when `checkout` holds an official LA test script (the benchmark skips the official column if not)."""
     return checkout is not None and (checkout / SCRIPT).is_file()
 
 
-def _argv(iterations: int) -> list[str]:
-    return [SCRIPT.rsplit("/", 1)[-1], "--labelnum", "8", "--max_iteration", str(iterations)]
-
-
-def _enter(checkout: Path, scratch: Path, iterations: int) -> None:
+def _enter(checkout: Path, scratch: Path, argv: list[str]) -> None:
     """cwd, import path and argv of the official script; the CPU and NumPy patches."""
     os.chdir(scratch)
     sys.path.insert(0, str((checkout / "code").resolve()))
-    sys.argv = _argv(iterations)
+    sys.argv = [SCRIPT.rsplit("/", 1)[-1], *argv]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     torch.nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     if "int" not in np.__dict__:
         np.int = int  # type: ignore[attr-defined]
 
 
-def export(run: Path, checkout: Path, data: Path, scratch: Path) -> dict[str, Any]:
+def export(method: str, run: Path, checkout: Path, data: Path, scratch: Path) -> dict[str, Any]:
     from semiseg.engine.checkpoint import load_checkpoint
     from semiseg.official import official_layout, to_official_state
 
+    if method not in TESTS:
+        raise SystemExit(f"{method}: no official test script is wired up (one of {', '.join(TESTS)})")
+    spec = TESTS[method]
     payload = load_checkpoint(run / "checkpoint.pt")
-    if payload["config"]["method"] != "caml":
-        raise SystemExit(f"{run}: a {payload['config']['method']} run, not CAML")
+    if payload["config"]["method"] != method:
+        raise SystemExit(f"{run}: a {payload['config']['method']} run, not {method}")
     iterations = int(payload["config"]["iterations"])
     (scratch / "data").mkdir(parents=True, exist_ok=True)
     link = scratch / "data" / "LA"
     if not link.exists():
         link.symlink_to(data.resolve())
-    _enter(checkout, scratch, iterations)
+    argv = [a.format(iterations=iterations) for a in spec.argv]
+    _enter(checkout, scratch, argv)
     script = runpy.run_path(str((checkout / SCRIPT).resolve()), run_name="official_test_3d")  # body, no __main__
-    net = script["net_factory"](net_type="caml3d_v1", in_chns=1, class_num=2, mode="test")
-    prefix = official_layout("caml", 3).target + "."
+    net = script["net_factory"](net_type=spec.net_type, in_chns=1, class_num=2, mode="test")
+    prefix = official_layout(method, 3).target + "."
     ours = {k.removeprefix(prefix): v for k, v in payload["method"].items() if k.startswith(prefix)}
-    state = to_official_state(ours, list(net.state_dict()), "caml", 3, str(run))
+    state = to_official_state(ours, list(net.state_dict()), method, 3, str(run))
     net.load_state_dict(state, strict=True)
+    if spec.loaded_as is not None:
+        loaded = script["net_factory"](net_type=spec.loaded_as, in_chns=1, class_num=2, mode="test")
+        missing = loaded.load_state_dict(state, strict=False).missing_keys
+        if missing:
+            raise SystemExit(f"the official {spec.loaded_as} network would keep its random {missing[0]} "
+                             f"(and {len(missing) - 1} more): the test would not score the run")
     snapshot = scratch / script["snapshot_path"]
     snapshot.mkdir(parents=True, exist_ok=True)
-    target = snapshot / f"iter_{iterations}.pth"
+    target = snapshot / spec.weights.format(iterations=iterations)
     torch.save(state, target)
+    (scratch / "official.json").write_text(json.dumps({"method": method, "argv": argv}))
     return {"weights": str(target), "tensors": len(state), "iterations": iterations}
 
 
 def test(checkout: Path, scratch: Path, stride_xy: int, stride_z: int) -> dict[str, Any]:
-    iterations = int(next((scratch / "model").rglob("iter_*.pth")).stem.split("_")[1])
-    _enter(checkout, scratch, iterations)
+    _enter(checkout, scratch, json.loads((scratch / "official.json").read_text())["argv"])
     from utils import test_patch  # the official module, imported from the checkout
 
     asked: dict[str, int] = {}
@@ -143,6 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
     e = sub.add_parser("export")
+    e.add_argument("method", choices=sorted(TESTS))
     for name in ("run", "checkout", "data", "scratch"):
         e.add_argument(name, type=Path)
     t = sub.add_parser("test")
@@ -152,7 +186,7 @@ def main() -> None:
     t.add_argument("stride_z", type=int)
     args = parser.parse_args()
     if args.step == "export":
-        result = export(args.run, args.checkout, args.data, args.scratch.resolve())
+        result = export(args.method, args.run, args.checkout, args.data, args.scratch.resolve())
     else:
         result = test(args.checkout, args.scratch.resolve(), args.stride_xy, args.stride_z)
     print(json.dumps(result))

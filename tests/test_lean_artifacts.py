@@ -77,9 +77,33 @@ def test_report_states_the_verdict_against_the_official_peak() -> None:
     assert "metrics differ" in lean.official_markdown(result, {"model.pt": 1150.0})
 
 
+def _row(method: str, peak: float) -> dict:
+    evaluate = {v: {"peak_mib": peak} for v in ("before", "after", "after_model")}
+    return {"method": method, "checkpoint_mib": 90.0, "model_mib": 36.1, "params": 9448866, "fp32_mib": 36.0,
+            "evaluate": evaluate, "identical": True, "cpu_windows": 1, "iterations": 1}
+
+
+def test_report_has_one_official_section_and_column_per_script_run() -> None:
+    cases = {"A": [0.9, 0.8, 5.0, 1.5]}
+    official = {"method": "mcnet", "repo": "ycwu1997/MC-Net", "stamp": "Machine: X. Commit: c. Date: d.",
+                "official": {"peak_mib": 1300.0, "wall_s": 10.0}, "semiseg": {"peak_mib": 900.0, "wall_s": 5.0},
+                "official_cases": cases, "official_empty": [], "semiseg_cases": cases, "rtol": lean.RTOL,
+                "strides_asked": {"stride_xy": 18, "stride_z": 4}, "strides_used": {"stride_xy": 56, "stride_z": 40},
+                "comparison": lean.compare_cases(cases, cases)}
+    text = lean.markdown([_row("mcnet", 910.0), _row("mlrpl", 920.0)], "cmd", 2, {"mcnet": official})
+    assert "| mcnet | 90.0 | 36.1 | 9,448,866 | 36.0 | +0.3 % | 910 | 910 | 910 | 1 | 1300 | yes |" in text
+    assert "| mlrpl |" in text and text.split("| mlrpl |")[1].split("\n")[0].count("| - |") == 1
+    assert "#### MC-Net: the official test script" in text and "ycwu1997/MC-Net" in text
+    assert "Machine: X. Commit: c. Date: d." in text and "strict=False" in text
+    assert "910 MiB (model.pt, table above, -390)" in text and "**Target met**" in text
+    assert "the official test scripts of MC-Net" in text and "for mlrpl no official test script was run" in text
+    assert "no official test script was run" in lean.markdown([_row("mlrpl", 920.0)], "cmd", 2)
+
+
 def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Nothing is trained or evaluated: the checkout test comes first.
-    assert lean.official_caml(tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1,
-                              tmp_path / "src") is None
-    assert "skipped" in capsys.readouterr().out
+    for method in ("caml", "mcnet", "mcnet_plus"):
+        assert lean.official_test(method, tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1,
+                                  tmp_path / "src") is None
+        assert f"official column of {method} is skipped" in capsys.readouterr().out
     assert not (tmp_path / "work").exists()
