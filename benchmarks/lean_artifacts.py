@@ -178,11 +178,14 @@ def official_test(method: str, checkout: Path, data: Path, work: Path, iteration
                   before_src: Path) -> dict | None:
     """The method's official test script and `semiseg evaluate` on the same volumes, weights and windows, each in
     its own process (peak resident set of each); None when `checkout` has no official test script."""
-    from official_test import TESTS, official_available
+    from official_test import official_available
 
+    from semiseg.official import official_layout
+
+    repo = official_layout(method, 3).repo
     flag = OFFICIAL_FLAGS[method]
     if not official_available(checkout):
-        print(f"{flag} {checkout}: no official test script there ({TESTS[method].repo}); the official column of "
+        print(f"{flag} {checkout}: no official test script there ({repo}); the official column of "
               f"{method} is skipped", flush=True)
         return None
     run = ensure_run(method, data, work, iterations, before_src)
@@ -214,7 +217,7 @@ def official_test(method: str, checkout: Path, data: Path, work: Path, iteration
         peaks = dict(zip(calls, pool.map(call, calls), strict=True))
     official = json.loads((work / "logs" / f"{method}-official-test.log").read_text().splitlines()[-1])
     ours = {c["case"]: [c[m] for m in METRICS] for c in json.loads((out / "summary.json").read_text())["cases"]}
-    return {"method": method, "repo": TESTS[method].repo, "official": peaks["official"],
+    return {"method": method, "repo": repo, "official": peaks["official"],
             "semiseg": peaks["semiseg"], "official_cases": official["cases"], "official_empty": official["empty"],
             "semiseg_cases": ours, "strides_asked": official["strides_asked"],
             "strides_used": official["strides_used"], "rtol": RTOL,

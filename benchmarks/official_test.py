@@ -55,9 +55,9 @@ SCRIPT = "code/test_3d.py"
 
 @dataclass(frozen=True)
 class OfficialTest:
-    """How one official test script is called and which file it loads ({iterations}: the run's iterations)."""
+    """How one official test script is called and which file it loads ({iterations}: the run's iterations); its
+    repository is the method's `semiseg.official` layout's."""
 
-    repo: str
     net_type: str
     """`net_factory` name of the network the run's weights are saved as (loaded strictly by `export`)."""
     argv: tuple[str, ...]
@@ -67,11 +67,11 @@ class OfficialTest:
     """`net_factory` name of the network the script itself builds, when it is another one (MC-Net: `vnet`)."""
 
 
-TESTS = {"caml": OfficialTest("Herschel555/CAML", "caml3d_v1", ("--labelnum", "8", "--max_iteration", "{iterations}"),
+TESTS = {"caml": OfficialTest("caml3d_v1", ("--labelnum", "8", "--max_iteration", "{iterations}"),
                               "iter_{iterations}.pth"),
-         "mcnet": OfficialTest("ycwu1997/MC-Net", "mcnet3d_v1", ("--labelnum", "8", "--model", "mcnet3d_v1"),
+         "mcnet": OfficialTest("mcnet3d_v1", ("--labelnum", "8", "--model", "mcnet3d_v1"),
                                "mcnet3d_v1_best_model.pth", "vnet"),
-         "mcnet_plus": OfficialTest("ycwu1997/MC-Net", "mcnet3d_v2", ("--labelnum", "8", "--model", "mcnet3d_v2"),
+         "mcnet_plus": OfficialTest("mcnet3d_v2", ("--labelnum", "8", "--model", "mcnet3d_v2"),
                                     "mcnet3d_v2_best_model.pth", "vnet")}
 
 

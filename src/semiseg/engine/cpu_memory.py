@@ -3,8 +3,9 @@
 glibc's malloc hands every block above its mmap threshold (32 MiB at most) back to the kernel the moment it is
 freed, so each step maps its large activations afresh and faults in every 4 KiB page of them again: about 400,000
 page faults per CAML step at the LA-mini size, each one a kernel entry and a page cleared. With mmap off and a high
-trim threshold, freed blocks stay in the heap and the next step's tensors of the same sizes land in them: the same
-arithmetic, bit for bit, without the faults (BENCHMARKS.md "cpu-malloc"), for a higher resident peak.
+trim threshold, freed blocks stay in the heap and the next step's tensors reuse most of them (glibc 2.36 reuses an
+aligned block of one size only once it merges with a neighbour): the same arithmetic, bit for bit, with 9-20x fewer
+faults (BENCHMARKS.md "cpu-malloc"), for a higher resident peak.
 """
 
 from __future__ import annotations
