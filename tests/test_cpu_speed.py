@@ -137,6 +137,33 @@ def test_cpu_bf16_autocast_is_an_option() -> None:
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
 
 
+def test_cpu_bf16_without_native_bf16_says_so_once(monkeypatch, capsys) -> None:
+    """bf16 is emulated (many times slower than fp32) on CPUs without AVX512-BF16 / AMX: one note, not one per step."""
+    from semiseg.engine import cpu_features
+
+    assert cpu_features.native_bf16(frozenset({"avx2", "avx512f", "avx512_bf16"})) is True
+    assert cpu_features.native_bf16(frozenset({"avx2", "amx_tile", "amx_bf16"})) is True
+    assert cpu_features.native_bf16(frozenset({"avx2", "fma"})) is False
+    assert cpu_features.native_bf16(frozenset()) is None
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    cpu_features.warn_emulated_bf16.cache_clear()
+    try:
+        for _ in range(3):
+            with autocast_for(torch.device("cpu"), cpu_bf16=True):
+                pass
+        with autocast_for(torch.device("cpu")):
+            pass
+        err = capsys.readouterr().err
+        assert err.count("note: cpu_bf16 is on but this CPU has neither AVX512-BF16 nor AMX") == 1
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+        cpu_features.warn_emulated_bf16.cache_clear()
+        with autocast_for(torch.device("cpu"), cpu_bf16=True):
+            pass
+        assert capsys.readouterr().err == ""
+    finally:
+        cpu_features.warn_emulated_bf16.cache_clear()
+
+
 def test_threads_follow_the_usable_cores() -> None:
     before = torch.get_num_threads()
     try:

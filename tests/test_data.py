@@ -114,6 +114,21 @@ def test_synthetic_cases_are_deterministic_and_organ_like() -> None:
     assert a_img[a_lab == 1].mean() > a_img[a_lab == 0].mean() + 0.5
 
 
+@pytest.mark.parametrize("shape", [(96, 96, 64), (37, 50, 23)])
+@pytest.mark.parametrize("cells", [3, 5, 8])
+def test_smooth_field_is_the_nd_cubic_zoom_of_the_coarse_grid(shape: tuple[int, int, int], cells: int) -> None:
+    """The per-axis matrices give the field `ndimage.zoom` gives (the data of every earlier release)."""
+    from scipy import ndimage
+
+    from semiseg.data.synthetic import _smooth_field
+
+    coarse = np.random.default_rng(5).standard_normal([cells] * 3)
+    zoomed = ndimage.zoom(coarse, [s / cells for s in shape], order=3)
+    expected = (zoomed - zoomed.mean()) / (zoomed.std() + 1e-8)
+    field = _smooth_field(np.random.default_rng(5), shape, cells)
+    assert field.shape == shape and np.abs(field - expected).max() < 1e-12
+
+
 def test_synthetic_dataset_uses_the_la_layout(tiny_synthetic: str) -> None:
     layout = open_dataset(tiny_synthetic)
     assert layout.name == "la" and len(layout.train_ids) == 8 and len(layout.test_ids) == 2

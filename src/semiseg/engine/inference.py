@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .cpu_features import warn_emulated_bf16
 from .postprocess import largest_connected_component
 from .reductions import class_argmax
 
@@ -71,7 +72,10 @@ def autocast_for(device: torch.device, cpu_bf16: bool = False):
     """bf16 autocast on CUDA (tensor cores), and on CPU when asked (AVX512-BF16 / AMX); else a no-op context."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16 and device.type == "cpu")
+    enabled = cpu_bf16 and device.type == "cpu"
+    if enabled:
+        warn_emulated_bf16()
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
