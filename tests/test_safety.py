@@ -81,6 +81,29 @@ def test_prepare_replaces_its_own_output_but_not_one_with_user_files(raw: Path, 
     assert default == raw / CACHE_DIR and (default / PREPARED).is_file()
 
 
+def test_prepare_removes_what_a_killed_prepare_left_but_nothing_else(raw: Path, tmp_path: Path) -> None:
+    """A SIGKILL skips the clean-up and leaves a hidden staged (or old) cache beside `--out`; the next `prepare`
+    removes those of dead writers on this host, and keeps a live writer's, another host's and the user's own."""
+    import socket
+
+    out = tmp_path / "cache"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()
+    left = {name: tmp_path / name for name in (f".cache.{host}-{dead_pid}.ab12cd.tmp",
+                                              f".cache.{host}-{dead_pid}.ef34gh.old",
+                                              f".cache.{host}-{os.getpid()}.live01.tmp",
+                                              f".cache.otherhost-{dead_pid}.ab12cd.tmp",
+                                              ".cache.my-own-notes")}
+    for folder in left.values():
+        (folder / "cases").mkdir(parents=True)
+        (folder / "cases" / "a.h5").write_bytes(b"x" * 1000)
+    prepare(raw, out)
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert kept == sorted(list(left)[2:])
+    assert (out / PREPARED).is_file()
+
+
 def test_prepare_refuses_a_fake_marker(raw: Path, tmp_path: Path) -> None:
     out = tmp_path / "fake"
     out.mkdir()

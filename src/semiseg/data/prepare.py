@@ -17,8 +17,10 @@ from __future__ import annotations
 import bz2
 import io
 import json
+import os
 import re
 import shutil
+import socket
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -687,11 +689,42 @@ def check_output(folder: Path, target: Path) -> None:
                         "choose a new or empty folder")
 
 
+def _aside_prefix(target: Path) -> str:
+    """Name start of this process's folders beside `target` (staged cache, old cache): the writer's host and pid
+    are in the name, so that a later `prepare` can tell a dead writer's leftovers from a live writer's work."""
+    return f".{target.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _remove_dead_writers_folders(target: Path) -> list[Path]:
+    """Remove the staged and old caches that a `prepare` killed on this host left beside `target` (a SIGKILL or a
+    power cut skips the clean-up): they are this tool's own output, as large as the cache, and nobody finishes
+    them. A folder of a live process, of another host or of another naming is left alone."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.{re.escape(socket.gethostname())}-(\d+)\..+\.(tmp|old)$")
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*"):
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _staging_folder(target: Path) -> Path:
     """A fresh hidden folder beside `target` to build the cache in (also proves the parent is writable)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        _remove_dead_writers_folders(target)
+        return Path(tempfile.mkdtemp(prefix=_aside_prefix(target), suffix=".tmp", dir=target.parent))
     except OSError as exc:
         raise DataError(f"{target.parent}: output folder is not writable ({exc.strerror}); choose another --out "
                         "or free disk space") from None
@@ -703,7 +736,7 @@ def _swap_into_place(staged: Path, target: Path, folder: Path) -> None:
     if not target.exists():
         staged.rename(target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=_aside_prefix(target), suffix=".old", dir=target.parent))
     old.rmdir()
     target.rename(old)
     staged.rename(target)
