@@ -5,7 +5,8 @@ peak resident memory of `semiseg evaluate` on LA test volumes, before and after 
 
 1. A dataset folder with the LA training list and the first `--cases` test volumes (symlinks into `--la`).
 2. One run folder per method (`--methods`), trained for `--iterations` iterations at the paper's sizes (la-8 recipe,
-   112x112x80 patch, 16 filters) with the `--before` code (which both codes can read), unless already there: the
+   112x112x80 patch, 16 filters) with the `--before` code (which both codes can read; with this checkout for a
+   method that code does not have, which then gets no before column), unless already there: the
    sizes, not the training, decide the memory (CAML's memory bank is allocated at its first step). The runs use a
    stride of 56x56x40 so that each volume needs 12 windows instead of the protocol's 45-54; the peak memory does
    not depend on the number of windows.
@@ -35,6 +36,7 @@ with):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -46,11 +48,13 @@ from pathlib import Path
 
 from common import REPO, markdown_table, stamp, update_section
 
-METHODS = ["supervised", "mean_teacher", "uamt", "mcnet", "mcnet_plus", "bcp", "mlrpl", "crossmatch", "caml"]
+METHODS = ["supervised", "mean_teacher", "uamt", "mcnet", "mcnet_plus", "bcp", "mlrpl", "crossmatch", "caml",
+           "dtc", "urpc", "cps", "admt", "ssnet", "unimatch"]
 STRIDE = "56,56,40"
-# CrossMatch's la-8 step (batch 2+4) needs about 12 GB; its checkpoint holds no batch-sized state, so a 1+2 batch
-# gives the same run folder sizes.
-TRAIN_EXTRA = {"crossmatch": ["--set", "batch_labeled=1", "--set", "batch_unlabeled=2"]}
+# CrossMatch's la-8 step (batch 2+4) needs about 12 GB, UniMatch's (the same batch, as CrossMatch runs it) as much;
+# their checkpoints hold no batch-sized state, so a 1+2 batch gives the same run folder sizes.
+SMALL_BATCH = ["--set", "batch_labeled=1", "--set", "batch_unlabeled=2"]
+TRAIN_EXTRA = {"crossmatch": SMALL_BATCH, "unimatch": SMALL_BATCH}
 CASES_DIR = "2018LA_Seg_Training Set"
 RUNNER = (str(REPO / "benchmarks" / "official_test.py"),)
 # The methods with an official test script wired up (official_test.TESTS), the flag that gives its checkout, and
@@ -86,6 +90,21 @@ def before_tree(commit: str, work: Path) -> Path:
     return target / "src"
 
 
+@functools.cache
+def methods_of(src: Path) -> frozenset[str]:
+    """The methods the package source under `src` registers."""
+    listing = subprocess.run([sys.executable, "-c", "from semiseg.methods import available_methods; "
+                              "print(' '.join(available_methods()))"], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(src)})
+    return frozenset(listing.stdout.split())
+
+
+def training_code(method: str, before_src: Path) -> Path | None:
+    """The code a method's run folder is trained with: the `--before` code when it has the method (so both codes
+    can read the folder), else this checkout's (None): a method added after `--before` has no before column."""
+    return before_src if method in methods_of(before_src) else None
+
+
 def measured(args: list[str], log: Path, pythonpath: Path | None = None,
              program: tuple[str, ...] = ("-m", "semiseg.cli")) -> dict[str, float]:
     """Run `semiseg ARGS` (or `python PROGRAM ARGS`) in a fresh process; its peak resident set (MiB), wall time and
@@ -103,15 +122,15 @@ def measured(args: list[str], log: Path, pythonpath: Path | None = None,
 
 def ensure_run(method: str, data: Path, work: Path, iterations: int, before_src: Path) -> Path:
     """The method's run folder in `work`, trained for `iterations` iterations at the paper's sizes if missing, with
-    the `--before` code, so that both the before and the after code can read it (a newer run folder may hold
-    settings the older code does not know)."""
+    the `--before` code where it has the method, so that both the before and the after code can read it (a newer
+    run folder may hold settings the older code does not know)."""
     run = work / "runs" / method
     if not (run / "checkpoint.pt").is_file():
         preset = [] if method == "supervised" else ["--preset", "la-8"]
         log = work / "logs" / f"{method}-train.log"
         train = measured(["train", "--method", method, *preset, "--data", str(data), "--iterations", str(iterations),
                           "--set", f"stride={STRIDE}", "--set", "num_workers=0", *TRAIN_EXTRA.get(method, []),
-                          "--out", str(run), "--quiet"], log, before_src)
+                          "--out", str(run), "--quiet"], log, training_code(method, before_src))
         if train["rc"] != 0:
             raise SystemExit(f"training {method} failed, see {log}")
     return run
@@ -134,7 +153,8 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
               "model_mib": model.stat().st_size / 2**20, "params": params, "fp32_mib": 4 * params / 2**20,
               "evaluate": {}, "identical": None,
               "cpu_windows": paper_windows()}
-    variants = (("before", run, before_src), ("after", run, None), ("after_model", model, None))
+    variants = ((("before", run, before_src),) if training_code(method, before_src) else ()) + (
+        ("after", run, None), ("after_model", model, None))
 
     def evaluate(variant: str, source: Path, src: Path | None) -> tuple[dict[str, float], list]:
         out = work / "eval" / f"{method}-{variant}"
@@ -151,7 +171,7 @@ def run_method(method: str, data: Path, work: Path, before_src: Path, iterations
         done = dict(zip([v for v, _, _ in variants], pool.map(lambda v: evaluate(*v), variants), strict=True))
     result["evaluate"] = {v: m for v, (m, _) in done.items()}
     cases = {v: c for v, (_, c) in done.items()}
-    result["identical"] = cases["before"] == cases["after"] == cases["after_model"]
+    result["identical"] = cases.get("before", cases["after"]) == cases["after"] == cases["after_model"]
     return result
 
 
@@ -328,7 +348,8 @@ def markdown(results: list[dict], command: str, n_cases: int, officials: dict[st
         official = officials.get(r["method"])
         rows.append([r["method"], f"{r['checkpoint_mib']:.1f}", f"{r['model_mib']:.1f}", f"{r['params']:,d}",
                      f"{r['fp32_mib']:.1f}", f"{100 * (r['model_mib'] / r['fp32_mib'] - 1):+.1f} %",
-                     f"{ev['before']['peak_mib']:.0f}", f"{ev['after']['peak_mib']:.0f}",
+                     f"{ev['before']['peak_mib']:.0f}" if "before" in ev else "- (newer method)",
+                     f"{ev['after']['peak_mib']:.0f}",
                      f"{ev['after_model']['peak_mib']:.0f}", str(r.get("cpu_windows", 2)),
                      f"{official['official']['peak_mib']:.0f}" if official else "-",
                      "yes" if r["identical"] else "**no**"])
@@ -353,12 +374,13 @@ def markdown(results: list[dict], command: str, n_cases: int, officials: dict[st
         "(la-8 recipe, patch 112x112x80, 16 filters); `semiseg evaluate` scores "
         f"{n_cases} LA test volumes on this CPU, each call in a fresh process whose peak resident set is read when it "
         "exits (MiB). Before: the code of the commit named in the command, which loads the whole checkpoint and "
-        "builds the whole method; after: the inference network's tensors alone, read from the memory-mapped "
+        "builds the whole method (none for a method added after that commit: its run is trained with this "
+        "checkout); after: the inference network's tensors alone, read from the memory-mapped "
         "checkpoint, with at most the windows per forward pass on CPU of its column (those of the code that measured "
         "the row: 2 before 2026-12-03, 1 since); after (model.pt): the exported file. The runs "
         f"use a stride of {STRIDE.replace(',', 'x')} (12 windows per volume) to save time: the peak does not depend "
-        "on the number of windows. CrossMatch is trained with a 1+2 batch (its checkpoint holds no batch-sized "
-        "state). fp32 weights = 4 bytes x the evaluated network's parameters. The official column: "
+        "on the number of windows. CrossMatch and UniMatch are trained with a 1+2 batch (their checkpoints hold no "
+        "batch-sized state). fp32 weights = 4 bytes x the evaluated network's parameters. The official column: "
         + scripts + (f"; for {', '.join(sorted(not_run))} no official test script was run" if not_run and run else "")
         + ". One training step's peak beside the official step: section vs-official-memory." + missing, "", table,
         *parts])

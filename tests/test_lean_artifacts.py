@@ -107,3 +107,27 @@ def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: py
                                   tmp_path / "src") is None
         assert f"official column of {method} is skipped" in capsys.readouterr().out
     assert not (tmp_path / "work").exists()
+
+
+def test_a_method_newer_than_the_before_commit_is_trained_with_this_checkout(tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """The before code cannot train or read a method it does not have: its run comes from this checkout and the
+    row has no before column (a real before tree is asked which methods it registers)."""
+    old = tmp_path / "old-src" / "semiseg" / "methods"
+    old.mkdir(parents=True)
+    (old.parent / "__init__.py").write_text("")
+    (old / "__init__.py").write_text("def available_methods():\n    return {'supervised': 0, 'caml': 0}\n")
+    src = old.parent.parent
+    assert lean.methods_of(src) == {"supervised", "caml"}
+    assert lean.training_code("caml", src) == src and lean.training_code("dtc", src) is None
+    calls = []
+    monkeypatch.setattr(lean, "measured", lambda args, log, pythonpath=None, **_: calls.append(pythonpath)
+                        or {"rc": 0})
+    lean.ensure_run("dtc", tmp_path / "data", tmp_path / "work", 1, src)
+    lean.ensure_run("caml", tmp_path / "data", tmp_path / "work", 1, src)
+    assert calls == [None, src]
+    newer = _row("dtc", 800.0)
+    del newer["evaluate"]["before"]
+    text = lean.markdown([_row("caml", 900.0), newer], "cmd", 2)
+    assert "| dtc | 90.0 | 36.1 | 9,448,866 | 36.0 | +0.3 % | - (newer method) | 800 | 800 | 1 | - | yes |" in text
+    assert "none for a method added after that commit" in text
