@@ -10,7 +10,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs `pytest -n auto`) the cores are shared by the workers: each one, and the
+# semiseg processes its tests start (OMP_NUM_THREADS, which `threads: 0` honours), gets its share.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def _la_root() -> Path | None:
@@ -43,6 +49,21 @@ def tiny_synthetic() -> str:
     spec = "synthetic:n_train=8,n_test=2,shape=40x40x32"
     open_dataset(spec)
     return spec
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its fuzzing counts to the controller, which prints the total."""
+    from fuzzing import TRIED
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fuzz_tried"] = dict(TRIED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - pytest-xdist hook signature
+    from fuzzing import TRIED
+
+    TRIED.update(getattr(node, "workeroutput", {}).get("fuzz_tried", {}))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook signature

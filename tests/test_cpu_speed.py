@@ -164,13 +164,23 @@ def test_cpu_bf16_without_native_bf16_says_so_once(monkeypatch, capsys) -> None:
         cpu_features.warn_emulated_bf16.cache_clear()
 
 
-def test_threads_follow_the_usable_cores() -> None:
+def test_threads_follow_the_usable_cores_or_omp_num_threads(monkeypatch) -> None:
     before = torch.get_num_threads()
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         set_threads(0)
         assert torch.get_num_threads() == available_cores() == len(os.sched_getaffinity(0))
         set_threads(1)
         assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        set_threads(0)
+        assert torch.get_num_threads() == 3
+        set_threads(2)  # an explicit `threads` wins
+        assert torch.get_num_threads() == 2
+        for junk in ("0", "two", ""):
+            monkeypatch.setenv("OMP_NUM_THREADS", junk)
+            set_threads(0)
+            assert torch.get_num_threads() == available_cores()
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="threads"):

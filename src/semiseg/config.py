@@ -104,7 +104,7 @@ class TrainConfig(BaseModel):
     fold_bn: bool = False
     """Inference: BatchNorm folded into the convolution before it (rounding-level changes; off by default)."""
     threads: int = 0
-    """CPU threads of the intra-op pool; 0 = the cores this process may run on."""
+    """CPU threads of the intra-op pool; 0 = OMP_NUM_THREADS when set, else the cores this process may run on."""
     cpu_malloc: Literal["keep", "system"] = "keep"
     """CPU training: keep = glibc keeps freed memory for the next step (no page faults per step, the same numbers,
     a higher resident peak); system = malloc's own defaults."""

@@ -156,9 +156,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def env_threads() -> int | None:
+    """OMP_NUM_THREADS when it holds a positive count: how batch systems and users give a process its share."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def set_threads(threads: int) -> None:
-    """One intra-op thread per usable core (0 = all of them): more threads than cores only adds contention."""
-    wanted = threads or available_cores()
+    """One intra-op thread per usable core (0 = OMP_NUM_THREADS when set, else every usable core): more threads
+    than cores only adds contention, and a process given fewer threads shares its cores with others."""
+    wanted = threads or env_threads() or available_cores()
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
 
