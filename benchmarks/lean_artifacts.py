@@ -14,8 +14,9 @@ peak resident memory of `semiseg evaluate` on LA test volumes, before and after 
    extracted with `git archive`) and with this checkout, and of the exported file, each in its own process, whose
    peak resident set (`ru_maxrss`) is read when it exits. The per-case metrics of the three must be identical.
 
-4. With `--official-caml CHECKOUT` (Herschel555/CAML) and `--official-mcnet CHECKOUT` (ycwu1997/MC-Net, for the
-   mcnet and mcnet_plus runs): the official test script `code/test_3d.py` on the same volumes, with the run's
+4. With `--official-caml CHECKOUT` (Herschel555/CAML), `--official-mcnet CHECKOUT` (ycwu1997/MC-Net, for the
+   mcnet and mcnet_plus runs) and `--official-ssnet CHECKOUT` (ycwu1997/SS-Net): the official test script
+   (`code/test_3d.py`; SS-Net's `code/test_LA.py`) on the same volumes, with the run's
    weights in the official key layout and the run's stride instead of its hard-coded one (`official_test.py` says
    how it runs in place), in its own process beside `semiseg evaluate` of the run folder (for CAML also with the
    other window batch on CPU, 1 or 2 windows per forward pass, for what a window costs); its peak resident set, and
@@ -59,8 +60,9 @@ CASES_DIR = "2018LA_Seg_Training Set"
 RUNNER = (str(REPO / "benchmarks" / "official_test.py"),)
 # The methods with an official test script wired up (official_test.TESTS), the flag that gives its checkout, and
 # the name the report uses.
-OFFICIAL_FLAGS = {"caml": "--official-caml", "mcnet": "--official-mcnet", "mcnet_plus": "--official-mcnet"}
-NAMES = {"caml": "CAML", "mcnet": "MC-Net", "mcnet_plus": "MC-Net+"}
+OFFICIAL_FLAGS = {"caml": "--official-caml", "mcnet": "--official-mcnet", "mcnet_plus": "--official-mcnet",
+                  "ssnet": "--official-ssnet"}
+NAMES = {"caml": "CAML", "mcnet": "MC-Net", "mcnet_plus": "MC-Net+", "ssnet": "SS-Net"}
 
 
 def subset(la: Path, cases: int, out: Path) -> Path:
@@ -198,15 +200,15 @@ def official_test(method: str, checkout: Path, data: Path, work: Path, iteration
                   before_src: Path) -> dict | None:
     """The method's official test script and `semiseg evaluate` on the same volumes, weights and windows, each in
     its own process (peak resident set of each); None when `checkout` has no official test script."""
-    from official_test import official_available
+    from official_test import TESTS, official_available
 
     from semiseg.official import official_layout
 
     repo = official_layout(method, 3).repo
     flag = OFFICIAL_FLAGS[method]
-    if not official_available(checkout):
-        print(f"{flag} {checkout}: no official test script there ({repo}); the official column of "
-              f"{method} is skipped", flush=True)
+    if not official_available(checkout, method):
+        print(f"{flag} {checkout}: no official test script {TESTS[method].script} there ({repo}); the official "
+              f"column of {method} is skipped", flush=True)
         return None
     run = ensure_run(method, data, work, iterations, before_src)
     scratch = work / f"official-{method}"
@@ -237,7 +239,8 @@ def official_test(method: str, checkout: Path, data: Path, work: Path, iteration
         peaks = dict(zip(calls, pool.map(call, calls), strict=True))
     official = json.loads((work / "logs" / f"{method}-official-test.log").read_text().splitlines()[-1])
     ours = {c["case"]: [c[m] for m in METRICS] for c in json.loads((out / "summary.json").read_text())["cases"]}
-    return {"method": method, "repo": repo, "official": peaks["official"],
+    return {"method": method, "repo": repo, "script": TESTS[method].script,
+            "patch_module": TESTS[method].patch_module, "official": peaks["official"],
             "semiseg": peaks["semiseg"], "official_cases": official["cases"], "official_empty": official["empty"],
             "semiseg_cases": ours, "strides_asked": official["strides_asked"],
             "strides_used": official["strides_used"], "rtol": RTOL,
@@ -281,7 +284,9 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
     comparison = official["comparison"]
     asked, used = official["strides_asked"], official["strides_used"]
     default = official.get("default_windows", 2)  # measurements before `CPU_WINDOWS` was recorded: 2
-    rows = [["official `code/test_3d.py`", f"{peak_o:.0f}", f"{official['official']['wall_s']:.0f}"],
+    script = official.get("script", "code/test_3d.py")  # measurements before SS-Net's script: test_3d.py
+    utility = official.get("patch_module", "utils.test_patch").replace(".", "/") + ".py"
+    rows = [[f"official `{script}`", f"{peak_o:.0f}", f"{official['official']['wall_s']:.0f}"],
             [f"semiseg evaluate (run folder, default: {windows_label(default)})", f"{peak_s:.0f}",
              f"{official['semiseg']['wall_s']:.0f}"]]
     other = official.get("other_windows")
@@ -311,7 +316,11 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
                        if other["identical"] else "**differ**"))
     loading = ("the run folder's network exported to the official keys with `semiseg.official.to_official_state` "
                "and loaded strictly into the official test network")
-    if method != "caml":
+    if method == "ssnet":
+        loading = ("the run's network exported to the official keys with `semiseg.official.to_official_state` and "
+                   "loaded strictly into the official VNet, as the script itself loads it; the script keeps the "
+                   "largest connected component (its default `--nms 1`), as the run's `post_lcc` does")
+    elif method != "caml":
         loading = ("the run's network exported to the official keys with `semiseg.official.to_official_state`, "
                    "loaded strictly into the official network it was trained as, and read by the script, as it "
                    "does, into its one-decoder VNet with `strict=False` (every key of that VNet is in the file: "
@@ -319,7 +328,7 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
     return "\n".join([
         "", f"#### {name}: the official test script beside `semiseg evaluate`", "",
         *([official["stamp"], ""] if official.get("stamp") else []),
-        f"The official test script of {repo} (`code/test_3d.py` with `utils/test_patch.py`) runs "
+        f"The official test script of {repo} (`{script}` with `{utility}`) runs "
         f"unmodified from its checkout, in its own process, on the same volumes with the same weights ({loading}) "
         "and the same windows: its hard-coded stride "
         f"{asked.get('stride_xy')}/{asked.get('stride_z')} (xy/z) is replaced at call time by the run's "
@@ -367,7 +376,8 @@ def markdown(results: list[dict], command: str, n_cases: int, officials: dict[st
     run = [NAMES[m] for m in officials]
     not_run = [m for m in measured_names if m not in officials]
     scripts = (f"the official test scripts of {', '.join(run)} on the same volumes and weights (below)" if run
-               else "no official test script was run (no `--official-caml` / `--official-mcnet` checkout)")
+               else "no official test script was run (no `--official-caml` / `--official-mcnet` / `--official-ssnet` "
+                     "checkout)")
     return "\n".join([
         "### Lean artifacts: model file size and evaluation memory", "", stamp(), "", f"Command: `{command}`", "",
         f"Each run folder comes from a {results[0].get('iterations', 1)}-iteration training at the paper's sizes "
@@ -402,6 +412,9 @@ def main() -> None:
     parser.add_argument("--official-mcnet", type=Path, default=None,
                         help="checkout of ycwu1997/MC-Net: run its test script beside semiseg evaluate of the mcnet "
                         "and mcnet_plus runs (skipped when the folder has no code/test_3d.py)")
+    parser.add_argument("--official-ssnet", type=Path, default=None,
+                        help="checkout of ycwu1997/SS-Net: run its test script beside semiseg evaluate of the ssnet "
+                        "run (skipped when the folder has no code/test_LA.py)")
     parser.add_argument("--merge", action="store_true", help="keep the committed rows (benchmarks/results/"
                         "lean-artifacts.json) of the methods not named in --methods; each row states its windows")
     parser.add_argument("--update-md", action="store_true")
@@ -424,7 +437,7 @@ def main() -> None:
         results_file.write_text(json.dumps(results, indent=1))
     officials = {}
     for method, checkout in (("caml", args.official_caml), ("mcnet", args.official_mcnet),
-                             ("mcnet_plus", args.official_mcnet)):
+                             ("mcnet_plus", args.official_mcnet), ("ssnet", args.official_ssnet)):
         measured_here = args.work / f"official-{method}.json"
         kept = REPO / "benchmarks" / "results" / f"lean-artifacts-official-{method}.json"
         if measured_here.is_file():  # measured by an earlier call with this --work

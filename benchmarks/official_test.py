@@ -1,34 +1,39 @@
 """An official LA test script on a semiseg run's weights, in place: CAML's (Herschel555/CAML) or MC-Net's
-(ycwu1997/MC-Net, which scores MC-Net and MC-Net+ runs), both `code/test_3d.py`.
+(ycwu1997/MC-Net, which scores MC-Net and MC-Net+ runs), both `code/test_3d.py` with `utils/test_patch.py`, or
+SS-Net's (ycwu1997/SS-Net, `code/test_LA.py` with `utils/test_3d_patch.py`; `TESTS` says which).
 
     python benchmarks/official_test.py export METHOD RUN CHECKOUT DATA SCRATCH
     python benchmarks/official_test.py test CHECKOUT SCRATCH STRIDE_XY STRIDE_Z
     python benchmarks/official_test.py semiseg WINDOWS evaluate RUN ...
 
-Used by `lean_artifacts.py --official-caml / --official-mcnet`, which runs each step in its own process and reads
-the peak resident set of the `test` process (that of the official script alone). The official code is imported and
-run from the checkout, never copied (CAML's has no licence; MC-Net's is MIT); nothing of it is edited.
+Used by `lean_artifacts.py --official-caml / --official-mcnet / --official-ssnet`, which runs each step in its own
+process and reads the peak resident set of the `test` process (that of the official script alone). The official
+code is imported and run from the checkout, never copied (CAML's has no licence; MC-Net's and SS-Net's are MIT);
+nothing of it is edited. SS-Net's script keeps the largest connected component by default (`--nms 1`), with an
+`assert` that stops it on an empty prediction: a run whose prediction of a test case is empty cannot be scored by
+it.
 
-`export` (not measured): SCRATCH gets `data/LA` (a symlink to DATA, the LA layout the script reads from
-`./data/LA`) and, in the folder where `test_3d.py` looks for the checkpoint (`snapshot_path`, read from the
-script's own globals by running its module body without its `__main__` block), the file it loads: the run's
-network (every tensor) under the official keys (`semiseg.official.to_official_state`), checked to load *strictly*
-into the official network it was trained as (`net_factory(..., mode="test")`: CAML3d_v1, MCNet3d_v1 or MCNet3d_v2;
-the scripts load with `strict=False`, which would hide a missing key). CAML's script loads `iter_N.pth` into that
-network (N the run's iterations, passed as `--max_iteration`); MC-Net's loads `{model}_best_model.pth` into a
-one-decoder VNet with `strict=False` (the encoder and decoder 1 of the saved network: the output semiseg evaluates
-too), so `export` also checks that every key of that VNet is in the file. SCRATCH/official.json records the call.
+`export` (not measured): SCRATCH gets `data/LA` (a symlink to DATA, the LA layout the script reads from `./data/LA`)
+and, in the folder where the script looks for the checkpoint (`snapshot_path`, read from the script's own globals by
+running its module body without its `__main__` block), the file it loads: the run's network (every tensor) under the
+official keys (`semiseg.official.to_official_state`), checked to load *strictly* into the official network it was
+trained as (`net_factory(..., mode="test")`: CAML3d_v1, MCNet3d_v1, MCNet3d_v2 or SS-Net's VNet; CAML's and MC-Net's
+scripts load with `strict=False`, which would hide a missing key). CAML's script loads `iter_N.pth` into that
+network (N the run's iterations, passed as `--max_iteration`); MC-Net's loads `{model}_best_model.pth` into a one-
+decoder VNet with `strict=False` (the encoder and decoder 1 of the saved network: the output semiseg evaluates too),
+so `export` also checks that every key of that VNet is in the file; SS-Net's loads `VNet_best_model.pth` strictly
+into its VNet. SCRATCH/official.json records the call.
 
-`test` (measured): `test_3d.py` runs unmodified as `__main__` from SCRATCH with the arguments `export` recorded,
-with three things patched around it: `torch.Tensor.cuda` / `nn.Module.cuda` are the identity (CPU), NumPy's removed
-`np.int` alias is restored (the test utility uses it), and `utils.test_patch.test_all_case` is wrapped so that its
-`stride_xy` / `stride_z` are STRIDE_XY / STRIDE_Z instead of the script's hard-coded 18 / 4 (the semiseg run's
-stride; the windows are then the same as `semiseg evaluate`'s). `utils.test_patch.calculate_metric_percase` (medpy's
-dc / jc / hd95 / asd) is wrapped to record its full-precision return values (the script prints them to 5 decimals),
-and `test_single_case_first_output` to count the cases (an empty prediction is scored 0, 0, 0, 0 without medpy).
-Everything else is the official script: it loads the whole file, scores one window at a time, writes the prediction,
-score map, image and label of every case as NIfTI (its `save_result=True`). The last stdout line is a JSON object:
-the per-case metrics in test-list order, the strides the script asked for and the ones used.
+`test` (measured): the script runs unmodified as `__main__` from SCRATCH with the arguments `export` recorded, with
+three things patched around it: `torch.Tensor.cuda` / `nn.Module.cuda` are the identity (CPU), NumPy's removed
+`np.int` alias is restored (the test utilities use it), and the test utility's `test_all_case` is wrapped so that
+its `stride_xy` / `stride_z` are STRIDE_XY / STRIDE_Z instead of the script's hard-coded 18 / 4 (the semiseg run's
+stride; the windows are then the same as `semiseg evaluate`'s). Its `calculate_metric_percase` (medpy's dc / jc /
+hd95 / asd) is wrapped to record its full-precision return values (the script prints them to 5 decimals), and its
+per-case sliding window (`OfficialTest.single_case`) to count the cases (an empty prediction is scored 0, 0, 0, 0
+without medpy). Everything else is the official script: it loads the whole file, scores one window at a time, writes
+the prediction, score map, image and label of every case as NIfTI (its `save_result=True`). The last stdout line is
+a JSON object: the per-case metrics in test-list order, the strides the script asked for and the ones used.
 
 `semiseg WINDOWS ARGS` (measured): `semiseg ARGS` with at most WINDOWS paper-size windows per forward pass on CPU
 instead of `semiseg.engine.model_file.CPU_WINDOWS` (1, as the official scripts' one window at a time): what the
@@ -39,6 +44,7 @@ on it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import runpy
@@ -65,6 +71,12 @@ class OfficialTest:
     """The file name the script loads, inside its `snapshot_path`."""
     loaded_as: str | None = None
     """`net_factory` name of the network the script itself builds, when it is another one (MC-Net: `vnet`)."""
+    script: str = SCRIPT
+    """The test script, relative to the checkout (its folder goes on the import path)."""
+    patch_module: str = "utils.test_patch"
+    """The module of `test_all_case`, `calculate_metric_percase` and the per-case sliding window."""
+    single_case: str = "test_single_case_first_output"
+    """The per-case sliding-window function of `patch_module` (called once per case)."""
 
 
 TESTS = {"caml": OfficialTest("caml3d_v1", ("--labelnum", "8", "--max_iteration", "{iterations}"),
@@ -72,19 +84,24 @@ TESTS = {"caml": OfficialTest("caml3d_v1", ("--labelnum", "8", "--max_iteration"
          "mcnet": OfficialTest("mcnet3d_v1", ("--labelnum", "8", "--model", "mcnet3d_v1"),
                                "mcnet3d_v1_best_model.pth", "vnet"),
          "mcnet_plus": OfficialTest("mcnet3d_v2", ("--labelnum", "8", "--model", "mcnet3d_v2"),
-                                    "mcnet3d_v2_best_model.pth", "vnet")}
+                                    "mcnet3d_v2_best_model.pth", "vnet"),
+         # SS-Net's script loads strictly into the VNet it trains, and keeps the largest component (`--nms 1`,
+         # its default; the la-8 recipe's post_lcc).
+         "ssnet": OfficialTest("VNet", ("--labelnum", "8"), "VNet_best_model.pth", script="code/test_LA.py",
+                               patch_module="utils.test_3d_patch", single_case="test_single_case")}
 
 
-def official_available(checkout: Path | None) -> bool:
-    """True when `checkout` holds an official LA test script (the benchmark skips the official column if not)."""
-    return checkout is not None and (checkout / SCRIPT).is_file()
+def official_available(checkout: Path | None, method: str = "caml") -> bool:
+    """True when `checkout` holds the method's official LA test script (the benchmark skips the official column
+    if not)."""
+    return checkout is not None and method in TESTS and (checkout / TESTS[method].script).is_file()
 
 
-def _enter(checkout: Path, scratch: Path, argv: list[str]) -> None:
+def _enter(checkout: Path, scratch: Path, spec: OfficialTest, argv: list[str]) -> None:
     """cwd, import path and argv of the official script; the CPU and NumPy patches."""
     os.chdir(scratch)
-    sys.path.insert(0, str((checkout / "code").resolve()))
-    sys.argv = [SCRIPT.rsplit("/", 1)[-1], *argv]
+    sys.path.insert(0, str((checkout / spec.script).parent.resolve()))
+    sys.argv = [spec.script.rsplit("/", 1)[-1], *argv]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     torch.nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     if "int" not in np.__dict__:
@@ -107,12 +124,18 @@ def export(method: str, run: Path, checkout: Path, data: Path, scratch: Path) ->
     if not link.exists():
         link.symlink_to(data.resolve())
     argv = [a.format(iterations=iterations) for a in spec.argv]
-    _enter(checkout, scratch, argv)
-    script = runpy.run_path(str((checkout / SCRIPT).resolve()), run_name="official_test_3d")  # body, no __main__
+    _enter(checkout, scratch, spec, argv)
+    script = runpy.run_path(str((checkout / spec.script).resolve()), run_name="official_test")  # body, no __main__
     net = script["net_factory"](net_type=spec.net_type, in_chns=1, class_num=2, mode="test")
-    prefix = official_layout(method, 3).target + "."
+    layout = official_layout(method, 3)
+    prefix = layout.target + "."
     ours = {k.removeprefix(prefix): v for k, v in payload["method"].items() if k.startswith(prefix)}
-    state = to_official_state(ours, list(net.state_dict()), method, 3, str(run))
+    official_state = net.state_dict()
+    state = to_official_state(ours, [k for k in official_state if not k.startswith(layout.ignored)], method, 3,
+                              str(run))
+    # Official modules semiseg does not build (SS-Net's contrastive heads: training-only, outside the forward pass
+    # the test runs) keep the official network's own initial values, so that the script's strict load succeeds.
+    state.update({k: v for k, v in official_state.items() if k.startswith(layout.ignored)})
     net.load_state_dict(state, strict=True)
     if spec.loaded_as is not None:
         loaded = script["net_factory"](net_type=spec.loaded_as, in_chns=1, class_num=2, mode="test")
@@ -129,13 +152,15 @@ def export(method: str, run: Path, checkout: Path, data: Path, scratch: Path) ->
 
 
 def test(checkout: Path, scratch: Path, stride_xy: int, stride_z: int) -> dict[str, Any]:
-    _enter(checkout, scratch, json.loads((scratch / "official.json").read_text())["argv"])
-    from utils import test_patch  # the official module, imported from the checkout
+    call = json.loads((scratch / "official.json").read_text())
+    spec = TESTS[call["method"]]
+    _enter(checkout, scratch, spec, call["argv"])
+    test_patch = importlib.import_module(spec.patch_module)  # the official module, imported from the checkout
 
     asked: dict[str, int] = {}
     metrics: list[list[float] | None] = []  # per case; None: empty prediction, scored (0, 0, 0, 0) without medpy
     real_test_all_case, real_metric = test_patch.test_all_case, test_patch.calculate_metric_percase
-    real_case = test_patch.test_single_case_first_output
+    real_case = getattr(test_patch, spec.single_case)
 
     def test_all_case(*args: Any, **kwargs: Any) -> Any:
         asked.update(stride_xy=kwargs.get("stride_xy"), stride_z=kwargs.get("stride_z"))
@@ -151,9 +176,9 @@ def test(checkout: Path, scratch: Path, stride_xy: int, stride_z: int) -> dict[s
         return values
 
     test_patch.test_all_case = test_all_case
-    test_patch.test_single_case_first_output = single_case
+    setattr(test_patch, spec.single_case, single_case)
     test_patch.calculate_metric_percase = calculate_metric_percase
-    runpy.run_path(str((checkout / SCRIPT).resolve()), run_name="__main__")
+    runpy.run_path(str((checkout / spec.script).resolve()), run_name="__main__")
     cases = (scratch / "data" / "LA" / "test.list").read_text().split()
     return {"cases": dict(zip(cases, [m or [0.0] * 4 for m in metrics], strict=True)),
             "empty": [c for c, m in zip(cases, metrics, strict=True) if m is None], "strides_asked": asked,

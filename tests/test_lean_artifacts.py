@@ -102,7 +102,13 @@ def test_report_has_one_official_section_and_column_per_script_run() -> None:
 
 def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Nothing is trained or evaluated: the checkout test comes first.
-    for method in ("caml", "mcnet", "mcnet_plus"):
+    mcnet_like = tmp_path / "MC-Net"
+    (mcnet_like / "code").mkdir(parents=True)
+    (mcnet_like / "code" / "test_3d.py").write_text("")
+    assert lean.official_test("ssnet", mcnet_like, tmp_path / "data", tmp_path / "work", 1, 1,
+                              tmp_path / "src") is None  # SS-Net's script is code/test_LA.py
+    assert "no official test script code/test_LA.py there (ycwu1997/SS-Net)" in capsys.readouterr().out
+    for method in ("caml", "mcnet", "mcnet_plus", "ssnet"):
         assert lean.official_test(method, tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1,
                                   tmp_path / "src") is None
         assert f"official column of {method} is skipped" in capsys.readouterr().out
