@@ -15,8 +15,9 @@ peak resident memory of `semiseg evaluate` on LA test volumes, before and after 
    peak resident set (`ru_maxrss`) is read when it exits. The per-case metrics of the three must be identical.
 
 4. With `--official-caml CHECKOUT` (Herschel555/CAML), `--official-mcnet CHECKOUT` (ycwu1997/MC-Net, for the
-   mcnet and mcnet_plus runs) and `--official-ssnet CHECKOUT` (ycwu1997/SS-Net): the official test script
-   (`code/test_3d.py`; SS-Net's `code/test_LA.py`) on the same volumes, with the run's
+   mcnet and mcnet_plus runs), `--official-ssnet CHECKOUT` (ycwu1997/SS-Net) and `--official-bcp CHECKOUT`
+   (DeepMed-Lab-ECNU/BCP): the official test script (`code/test_3d.py`; SS-Net's and BCP's `code/test_LA.py`) on
+   the same volumes, with the run's
    weights in the official key layout and the run's stride instead of its hard-coded one (`official_test.py` says
    how it runs in place), in its own process beside `semiseg evaluate` of the run folder (for CAML also with the
    other window batch on CPU, 1 or 2 windows per forward pass, for what a window costs); its peak resident set, and
@@ -61,8 +62,8 @@ RUNNER = (str(REPO / "benchmarks" / "official_test.py"),)
 # The methods with an official test script wired up (official_test.TESTS), the flag that gives its checkout, and
 # the name the report uses.
 OFFICIAL_FLAGS = {"caml": "--official-caml", "mcnet": "--official-mcnet", "mcnet_plus": "--official-mcnet",
-                  "ssnet": "--official-ssnet"}
-NAMES = {"caml": "CAML", "mcnet": "MC-Net", "mcnet_plus": "MC-Net+", "ssnet": "SS-Net"}
+                  "ssnet": "--official-ssnet", "bcp": "--official-bcp"}
+NAMES = {"caml": "CAML", "mcnet": "MC-Net", "mcnet_plus": "MC-Net+", "ssnet": "SS-Net", "bcp": "BCP"}
 
 
 def subset(la: Path, cases: int, out: Path) -> Path:
@@ -316,9 +317,10 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
                        if other["identical"] else "**differ**"))
     loading = ("the run folder's network exported to the official keys with `semiseg.official.to_official_state` "
                "and loaded strictly into the official test network")
-    if method == "ssnet":
+    if method in ("ssnet", "bcp"):
         loading = ("the run's network exported to the official keys with `semiseg.official.to_official_state` and "
-                   "loaded strictly into the official VNet, as the script itself loads it; the script keeps the "
+                   "loaded strictly into the official VNet, as the script itself loads it (the official "
+                   "training-only heads semiseg does not build keep their initial values); the script keeps the "
                    "largest connected component (its default `--nms 1`), as the run's `post_lcc` does")
     elif method != "caml":
         loading = ("the run's network exported to the official keys with `semiseg.official.to_official_state`, "
@@ -376,8 +378,8 @@ def markdown(results: list[dict], command: str, n_cases: int, officials: dict[st
     run = [NAMES[m] for m in officials]
     not_run = [m for m in measured_names if m not in officials]
     scripts = (f"the official test scripts of {', '.join(run)} on the same volumes and weights (below)" if run
-               else "no official test script was run (no `--official-caml` / `--official-mcnet` / `--official-ssnet` "
-                     "checkout)")
+               else "no official test script was run (no `--official-caml` / `--official-mcnet` / `--official-ssnet` / "
+                     "`--official-bcp` checkout)")
     return "\n".join([
         "### Lean artifacts: model file size and evaluation memory", "", stamp(), "", f"Command: `{command}`", "",
         f"Each run folder comes from a {results[0].get('iterations', 1)}-iteration training at the paper's sizes "
@@ -415,6 +417,9 @@ def main() -> None:
     parser.add_argument("--official-ssnet", type=Path, default=None,
                         help="checkout of ycwu1997/SS-Net: run its test script beside semiseg evaluate of the ssnet "
                         "run (skipped when the folder has no code/test_LA.py)")
+    parser.add_argument("--official-bcp", type=Path, default=None,
+                        help="checkout of DeepMed-Lab-ECNU/BCP: run its test script beside semiseg evaluate of the "
+                        "bcp run (skipped when the folder has no code/test_LA.py)")
     parser.add_argument("--merge", action="store_true", help="keep the committed rows (benchmarks/results/"
                         "lean-artifacts.json) of the methods not named in --methods; each row states its windows")
     parser.add_argument("--update-md", action="store_true")
@@ -437,7 +442,8 @@ def main() -> None:
         results_file.write_text(json.dumps(results, indent=1))
     officials = {}
     for method, checkout in (("caml", args.official_caml), ("mcnet", args.official_mcnet),
-                             ("mcnet_plus", args.official_mcnet), ("ssnet", args.official_ssnet)):
+                             ("mcnet_plus", args.official_mcnet), ("ssnet", args.official_ssnet),
+                             ("bcp", args.official_bcp)):
         measured_here = args.work / f"official-{method}.json"
         kept = REPO / "benchmarks" / "results" / f"lean-artifacts-official-{method}.json"
         if measured_here.is_file():  # measured by an earlier call with this --work

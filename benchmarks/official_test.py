@@ -1,28 +1,29 @@
 """An official LA test script on a semiseg run's weights, in place: CAML's (Herschel555/CAML) or MC-Net's
 (ycwu1997/MC-Net, which scores MC-Net and MC-Net+ runs), both `code/test_3d.py` with `utils/test_patch.py`, or
-SS-Net's (ycwu1997/SS-Net, `code/test_LA.py` with `utils/test_3d_patch.py`; `TESTS` says which).
+SS-Net's (ycwu1997/SS-Net) and BCP's (DeepMed-Lab-ECNU/BCP, SS-Net's script with other paths), both
+`code/test_LA.py` with `utils/test_3d_patch.py`; `TESTS` says which.
 
     python benchmarks/official_test.py export METHOD RUN CHECKOUT DATA SCRATCH
     python benchmarks/official_test.py test CHECKOUT SCRATCH STRIDE_XY STRIDE_Z
     python benchmarks/official_test.py semiseg WINDOWS evaluate RUN ...
 
-Used by `lean_artifacts.py --official-caml / --official-mcnet / --official-ssnet`, which runs each step in its own
-process and reads the peak resident set of the `test` process (that of the official script alone). The official
-code is imported and run from the checkout, never copied (CAML's has no licence; MC-Net's and SS-Net's are MIT);
-nothing of it is edited. SS-Net's script keeps the largest connected component by default (`--nms 1`), with an
-`assert` that stops it on an empty prediction: a run whose prediction of a test case is empty cannot be scored by
-it.
+Used by `lean_artifacts.py --official-caml / --official-mcnet / --official-ssnet / --official-bcp`, which runs each
+step in its own process and reads the peak resident set of the `test` process (that of the official script alone).
+The official code is imported and run from the checkout, never copied (CAML's has no licence; MC-Net's, SS-Net's and
+BCP's are MIT); nothing of it is edited. SS-Net's and BCP's scripts keep the largest connected component by default
+(`--nms 1`), with an `assert` that stops it on an empty prediction: a run whose prediction of a test case is empty
+cannot be scored by it.
 
 `export` (not measured): SCRATCH gets `data/LA` (a symlink to DATA, the LA layout the script reads from `./data/LA`)
 and, in the folder where the script looks for the checkpoint (`snapshot_path`, read from the script's own globals by
 running its module body without its `__main__` block), the file it loads: the run's network (every tensor) under the
 official keys (`semiseg.official.to_official_state`), checked to load *strictly* into the official network it was
-trained as (`net_factory(..., mode="test")`: CAML3d_v1, MCNet3d_v1, MCNet3d_v2 or SS-Net's VNet; CAML's and MC-Net's
-scripts load with `strict=False`, which would hide a missing key). CAML's script loads `iter_N.pth` into that
-network (N the run's iterations, passed as `--max_iteration`); MC-Net's loads `{model}_best_model.pth` into a one-
-decoder VNet with `strict=False` (the encoder and decoder 1 of the saved network: the output semiseg evaluates too),
-so `export` also checks that every key of that VNet is in the file; SS-Net's loads `VNet_best_model.pth` strictly
-into its VNet. SCRATCH/official.json records the call.
+trained as (`net_factory(..., mode="test")`: CAML3d_v1, MCNet3d_v1, MCNet3d_v2 or SS-Net's / BCP's VNet; CAML's and
+MC-Net's scripts load with `strict=False`, which would hide a missing key). CAML's script loads `iter_N.pth` into
+that network (N the run's iterations, passed as `--max_iteration`); MC-Net's loads `{model}_best_model.pth` into a
+one- decoder VNet with `strict=False` (the encoder and decoder 1 of the saved network: the output semiseg evaluates
+too), so `export` also checks that every key of that VNet is in the file; SS-Net's and BCP's load
+`VNet_best_model.pth` strictly into their VNet. SCRATCH/official.json records the call.
 
 `test` (measured): the script runs unmodified as `__main__` from SCRATCH with the arguments `export` recorded, with
 three things patched around it: `torch.Tensor.cuda` / `nn.Module.cuda` are the identity (CPU), NumPy's removed
@@ -88,7 +89,12 @@ TESTS = {"caml": OfficialTest("caml3d_v1", ("--labelnum", "8", "--max_iteration"
          # SS-Net's script loads strictly into the VNet it trains, and keeps the largest component (`--nms 1`,
          # its default; the la-8 recipe's post_lcc).
          "ssnet": OfficialTest("VNet", ("--labelnum", "8"), "VNet_best_model.pth", script="code/test_LA.py",
-                               patch_module="utils.test_3d_patch", single_case="test_single_case")}
+                               patch_module="utils.test_3d_patch", single_case="test_single_case"),
+         # BCP's is SS-Net's script with its authors' data path as the default root (given here) and the
+         # self-training stage's folder; it also keeps the largest component by default.
+         "bcp": OfficialTest("VNet", ("--labelnum", "8", "--root_path", "./data/LA/"), "VNet_best_model.pth",
+                             script="code/test_LA.py", patch_module="utils.test_3d_patch",
+                             single_case="test_single_case")}
 
 
 def official_available(checkout: Path | None, method: str = "caml") -> bool:

@@ -108,7 +108,7 @@ def test_official_run_is_skipped_without_the_checkout(tmp_path: Path, capsys: py
     assert lean.official_test("ssnet", mcnet_like, tmp_path / "data", tmp_path / "work", 1, 1,
                               tmp_path / "src") is None  # SS-Net's script is code/test_LA.py
     assert "no official test script code/test_LA.py there (ycwu1997/SS-Net)" in capsys.readouterr().out
-    for method in ("caml", "mcnet", "mcnet_plus", "ssnet"):
+    for method in ("caml", "mcnet", "mcnet_plus", "ssnet", "bcp"):
         assert lean.official_test(method, tmp_path / "absent", tmp_path / "data", tmp_path / "work", 1, 1,
                                   tmp_path / "src") is None
         assert f"official column of {method} is skipped" in capsys.readouterr().out
