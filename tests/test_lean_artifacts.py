@@ -137,3 +137,58 @@ def test_a_method_newer_than_the_before_commit_is_trained_with_this_checkout(tmp
     text = lean.markdown([_row("caml", 900.0), newer], "cmd", 2)
     assert "| dtc | 90.0 | 36.1 | 9,448,866 | 36.0 | +0.3 % | - (newer method) | 800 | 800 | 1 | - | yes |" in text
     assert "none for a method added after that commit" in text
+
+
+FAKE_UTILITY = '''
+import numpy as np
+
+def {single}(model, image, stride_xy, stride_z, patch_size, num_classes=1):
+    return image > 0, None
+
+def calculate_metric_percase(pred, gt):
+    return float(pred.mean()), 0.5, 3.0, 1.25
+
+def test_all_case(*args, stride_xy=18, stride_z=4, **kwargs):
+    print("strides", stride_xy, stride_z)
+    for image in (np.ones(4), np.zeros(4)):
+        prediction, _ = {single}(None, image, stride_xy, stride_z, (2, 2, 2))
+        if np.sum(prediction) == 0:
+            continue
+        calculate_metric_percase(prediction, prediction)
+'''
+FAKE_SCRIPT = '''
+import numpy as np
+from {module} import test_all_case
+assert np.int is int  # the alias the official utilities use
+if __name__ == "__main__":
+    test_all_case(None, [], num_classes=2, stride_xy=18, stride_z=4)
+'''
+
+
+@pytest.mark.parametrize("method", ["mcnet", "ssnet", "bcp"])
+def test_official_test_step_patches_the_layout_of_each_script(tmp_path: Path, method: str) -> None:
+    """The `test` step on a stand-in checkout with the file layout of the method's official script: the strides it
+    asks for are replaced, each case is counted, the metrics are recorded in full precision and an empty
+    prediction is scored 0 (what the official script does) and named."""
+    import json
+    import subprocess
+
+    import official_test
+    spec = official_test.TESTS[method]
+    checkout = tmp_path / "checkout"
+    module_file = checkout / spec.script.rsplit("/", 1)[0] / (spec.patch_module.replace(".", "/") + ".py")
+    module_file.parent.mkdir(parents=True)
+    module_file.write_text(FAKE_UTILITY.format(single=spec.single_case))
+    (module_file.parent / "__init__.py").write_text("")
+    (checkout / spec.script).write_text(FAKE_SCRIPT.format(module=spec.patch_module))
+    scratch = tmp_path / "scratch"
+    (scratch / "data" / "LA").mkdir(parents=True)
+    (scratch / "data" / "LA" / "test.list").write_text("CASE_A\nCASE_B\n")
+    (scratch / "official.json").write_text(json.dumps({"method": method, "argv": list(spec.argv)}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "official_test.py"), "test", str(checkout),
+                           str(scratch), "56", "40"], capture_output=True, text=True, check=True)
+    assert "strides 56 40" in done.stdout
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["cases"] == {"CASE_A": [1.0, 0.5, 3.0, 1.25], "CASE_B": [0.0, 0.0, 0.0, 0.0]}
+    assert result["empty"] == ["CASE_B"]
+    assert result["strides_asked"] == {"stride_xy": 18, "stride_z": 4}
