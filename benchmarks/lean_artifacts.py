@@ -224,7 +224,8 @@ def official_test(method: str, checkout: Path, data: Path, work: Path, iteration
     out = work / "eval" / f"{method}-beside-official"
     shutil.rmtree(out, ignore_errors=True)
     calls = {"official": (["test", str(checkout), str(scratch), str(xy), str(z)], RUNNER),
-             "semiseg": (["evaluate", str(run), "--data", str(data), "--out", str(out), "--device", "cpu"],
+             "semiseg": (["evaluate", str(run), "--data", str(data), "--out", str(out), "--device", "cpu",
+                          *TESTS[method].semiseg_args],
                          ("-m", "semiseg.cli"))}
 
     def call(side: str) -> dict[str, float]:
@@ -320,8 +321,9 @@ def official_markdown(official: dict, table_peaks: dict[str, float]) -> str:
     if method in ("ssnet", "bcp"):
         loading = ("the run's network exported to the official keys with `semiseg.official.to_official_state` and "
                    "loaded strictly into the official VNet, as the script itself loads it (the official "
-                   "training-only heads semiseg does not build keep their initial values); the script keeps the "
-                   "largest connected component (its default `--nms 1`), as the run's `post_lcc` does")
+                   "training-only heads semiseg does not build keep their initial values); without the largest-"
+                   "component filter on either side (`--nms 0`, `semiseg evaluate --no-lcc`: the script's default "
+                   "`--nms 1` asserts on an empty prediction, which a 1-iteration run makes)")
     elif method != "caml":
         loading = ("the run's network exported to the official keys with `semiseg.official.to_official_state`, "
                    "loaded strictly into the official network it was trained as, and read by the script, as it "

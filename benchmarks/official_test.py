@@ -11,8 +11,8 @@ Used by `lean_artifacts.py --official-caml / --official-mcnet / --official-ssnet
 step in its own process and reads the peak resident set of the `test` process (that of the official script alone).
 The official code is imported and run from the checkout, never copied (CAML's has no licence; MC-Net's, SS-Net's and
 BCP's are MIT); nothing of it is edited. SS-Net's and BCP's scripts keep the largest connected component by default
-(`--nms 1`), with an `assert` that stops it on an empty prediction: a run whose prediction of a test case is empty
-cannot be scored by it.
+(`--nms 1`), with an `assert` that stops them on an empty prediction, which a 1-iteration run often makes: they run
+with `--nms 0` and `semiseg evaluate` beside them with `--no-lcc` (`OfficialTest.semiseg_args`).
 
 `export` (not measured): SCRATCH gets `data/LA` (a symlink to DATA, the LA layout the script reads from `./data/LA`)
 and, in the folder where the script looks for the checkpoint (`snapshot_path`, read from the script's own globals by
@@ -78,6 +78,8 @@ class OfficialTest:
     """The module of `test_all_case`, `calculate_metric_percase` and the per-case sliding window."""
     single_case: str = "test_single_case_first_output"
     """The per-case sliding-window function of `patch_module` (called once per case)."""
+    semiseg_args: tuple[str, ...] = ()
+    """Options of `semiseg evaluate` beside it that give it the script's post-processing."""
 
 
 TESTS = {"caml": OfficialTest("caml3d_v1", ("--labelnum", "8", "--max_iteration", "{iterations}"),
@@ -86,15 +88,17 @@ TESTS = {"caml": OfficialTest("caml3d_v1", ("--labelnum", "8", "--max_iteration"
                                "mcnet3d_v1_best_model.pth", "vnet"),
          "mcnet_plus": OfficialTest("mcnet3d_v2", ("--labelnum", "8", "--model", "mcnet3d_v2"),
                                     "mcnet3d_v2_best_model.pth", "vnet"),
-         # SS-Net's script loads strictly into the VNet it trains, and keeps the largest component (`--nms 1`,
-         # its default; the la-8 recipe's post_lcc).
-         "ssnet": OfficialTest("VNet", ("--labelnum", "8"), "VNet_best_model.pth", script="code/test_LA.py",
-                               patch_module="utils.test_3d_patch", single_case="test_single_case"),
+         # SS-Net's script loads strictly into the VNet it trains. Its default `--nms 1` (largest component, the
+         # la-8 recipe's post_lcc) asserts on an empty prediction, which a 1-iteration run often makes: the
+         # component filter is off on both sides (`--nms 0`, `semiseg evaluate --no-lcc`).
+         "ssnet": OfficialTest("VNet", ("--labelnum", "8", "--nms", "0"), "VNet_best_model.pth",
+                               script="code/test_LA.py", patch_module="utils.test_3d_patch",
+                               single_case="test_single_case", semiseg_args=("--no-lcc",)),
          # BCP's is SS-Net's script with its authors' data path as the default root (given here) and the
-         # self-training stage's folder; it also keeps the largest component by default.
-         "bcp": OfficialTest("VNet", ("--labelnum", "8", "--root_path", "./data/LA/"), "VNet_best_model.pth",
-                             script="code/test_LA.py", patch_module="utils.test_3d_patch",
-                             single_case="test_single_case")}
+         # self-training stage's folder; the same `--nms 1` default and the same choice.
+         "bcp": OfficialTest("VNet", ("--labelnum", "8", "--root_path", "./data/LA/", "--nms", "0"),
+                             "VNet_best_model.pth", script="code/test_LA.py", patch_module="utils.test_3d_patch",
+                             single_case="test_single_case", semiseg_args=("--no-lcc",))}
 
 
 def official_available(checkout: Path | None, method: str = "caml") -> bool:
